@@ -1,0 +1,41 @@
+# sensorwatch — developer entry points.  `make test` is what CI runs (via .ci/run).
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint typecheck pytest bench run clean broker
+
+# (Re)create the virtual environment when pyproject.toml changes.  The CPU build of torch is
+# installed first and pinned so that no dependency pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+broker:
+	bash scripts/ensure-mosquitto.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check sensorwatch service tests
+	$(BIN)/ruff format --check sensorwatch service tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy sensorwatch service
+
+pytest: $(STAMP) broker
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/sensorwatch bench engine --json out/bench-engine.json
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

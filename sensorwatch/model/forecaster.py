@@ -1,0 +1,183 @@
+"""Recurrent next-reading forecaster with a Gaussian head.
+
+One set of weights, two entry points:
+
+* :meth:`Forecaster.forward` — full sequences, padded to a common length, with per-sequence lengths
+  (training, evaluation);
+* :meth:`Forecaster.step` — one time step for a batch of devices given their state rows (streaming).
+
+Input at each step (``2·C + 1`` features): the per-device normalised reading (C; missing channels carry
+the imputed value), the missing-value mask (C; 1 = observed) and a Δt feature. Output: per-channel mean
+and scale of the *next* normalised reading. The mean is predicted as a residual on top of the current
+input (``mean = x + head(h)``), so a model whose head is zero is exactly a last-value (persistence)
+forecaster — the built-in fallback — and training starts from that sensible baseline.
+
+>>> import torch
+>>> from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
+>>> model = Forecaster(ForecasterConfig(cell="gru", hidden_size=8, channels=2))
+>>> feats = torch.zeros(3, 5)                     # B=3 devices, 2·C+1 features
+>>> state = model.initial_state(3)
+>>> mean, scale, state = model.step(feats, state)
+>>> tuple(mean.shape), tuple(scale.shape), bool((scale > 0).all())
+((3, 2), (3, 2), True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+CellType = Literal["lstm", "gru", "rnn"]
+CELLS: tuple[CellType, ...] = ("lstm", "gru", "rnn")
+
+#: Bumped whenever the meaning of the input features changes: a state snapshot or model artifact
+#: built with another feature version is refused.
+FEATURE_VERSION = 1
+
+#: Smallest predicted scale (in normalised units): keeps z-scores finite for perfectly predictable series.
+MIN_SCALE = 1e-3
+
+
+@dataclass(frozen=True)
+class ForecasterConfig:
+    """Architecture of a :class:`Forecaster` (everything needed to rebuild it, nothing else)."""
+
+    cell: CellType = "lstm"
+    hidden_size: int = 32
+    num_layers: int = 1
+    channels: int = 1
+    channel_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.hidden_size < 1 or self.num_layers < 1 or self.channels < 1:
+            raise ValueError("hidden_size, num_layers and channels must be >= 1")
+        if self.channel_names is not None:
+            names = tuple(self.channel_names)
+            if len(names) != self.channels or len(set(names)) != len(names):
+                raise ValueError("channel_names must be unique and one per channel")
+            object.__setattr__(self, "channel_names", names)
+
+    @property
+    def input_size(self) -> int:
+        return 2 * self.channels + 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Channel names (``ch0``, ``ch1``, … when none were given)."""
+        return self.channel_names or tuple(f"ch{i}" for i in range(self.channels))
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for hidden state to be meaningful across models."""
+        d = asdict(self)
+        d["channel_names"] = list(self.names)
+        d["feature_version"] = FEATURE_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ForecasterConfig:
+        names = d.get("channel_names")
+        return cls(
+            cell=d["cell"],
+            hidden_size=int(d["hidden_size"]),
+            num_layers=int(d["num_layers"]),
+            channels=int(d["channels"]),
+            channel_names=tuple(names) if names else None,
+        )
+
+
+_RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class Forecaster(nn.Module):
+    """Stacked LSTM/GRU/RNN with a per-channel Gaussian head (mean, scale) for the next reading."""
+
+    def __init__(self, config: ForecasterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.rnn = _RNN_CLASSES[config.cell](
+            input_size=config.input_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+        )
+        self.head = nn.Linear(config.hidden_size, 2 * config.channels)
+        # Zero head = persistence forecast with unit scale: a sane untrained model.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.bias[config.channels :] = _inverse_softplus(1.0 - MIN_SCALE)
+
+    @property
+    def state_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per-device state tensors (name → (layers, hidden)); LSTM carries a cell state too."""
+        shape = (self.config.num_layers, self.config.hidden_size)
+        return {"h": shape, "c": shape} if self.config.cell == "lstm" else {"h": shape}
+
+    def initial_state(self, batch: int) -> dict[str, torch.Tensor]:
+        """Zero state for ``batch`` devices, as ``name → (batch, layers, hidden)``."""
+        p = next(self.parameters())
+        return {k: torch.zeros(batch, *s, dtype=p.dtype, device=p.device) for k, s in self.state_shapes.items()}
+
+    def _head(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config.channels
+        raw = self.head(out)
+        mean = x[..., :c] + raw[..., :c]
+        scale = nn.functional.softplus(raw[..., c:]) + MIN_SCALE
+        return mean, scale
+
+    def _rnn_state(self, state: dict[str, torch.Tensor]) -> Any:
+        # (B, L, H) rows → the (L, B, H) layout torch's RNNs expect.
+        h = state["h"].transpose(0, 1).contiguous()
+        if self.config.cell == "lstm":
+            return (h, state["c"].transpose(0, 1).contiguous())
+        return h
+
+    def _state_rows(self, rnn_state: Any) -> dict[str, torch.Tensor]:
+        if self.config.cell == "lstm":
+            h, c = rnn_state
+            return {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}
+        return {"h": rnn_state.transpose(0, 1)}
+
+    def step(
+        self, features: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One step for B devices: ``features`` (B, 2C+1), ``state`` rows (B, L, H) → mean, scale (B, C), state."""
+        out, new = self.rnn(features.unsqueeze(1), self._rnn_state(state))
+        mean, scale = self._head(out[:, 0], features)
+        return mean, scale, self._state_rows(new)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Full sequences: ``features`` (B, T, 2C+1) padded, ``lengths`` (B,) → mean, scale (B, T, C), final state.
+
+        Padded steps are never fed to the recurrence (packed sequences); their outputs are zero and the
+        returned state is each sequence's state after its own last valid step.
+        """
+        b, t, _ = features.shape
+        rnn_state = self._rnn_state(state) if state is not None else None
+        if lengths is None:
+            out, new = self.rnn(features, rnn_state)
+        else:
+            packed = pack_padded_sequence(features, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out_packed, new = self.rnn(packed, rnn_state)
+            out, _ = pad_packed_sequence(out_packed, batch_first=True, total_length=t)
+        mean, scale = self._head(out, features)
+        if lengths is not None:
+            valid = (torch.arange(t, device=features.device)[None, :] < lengths.to(features.device)[:, None])
+            mean = mean * valid[..., None]
+            scale = torch.where(valid[..., None], scale, torch.ones_like(scale))
+        return mean, scale, self._state_rows(new)
+
+
+def _inverse_softplus(y: float) -> float:
+    return float(torch.log(torch.expm1(torch.tensor(y, dtype=torch.float64))))

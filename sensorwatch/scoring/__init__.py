@@ -1,0 +1,1 @@
+"""Streaming scoring: features, calibration and the batched StreamScorer."""

@@ -1,0 +1,258 @@
+"""Readings in, results out — columnar, with cheap per-reading records for I/O.
+
+>>> from sensorwatch.scoring.batch import Reading, ReadingBatch
+>>> batch = ReadingBatch.from_records(
+...     [Reading("a", 1.0, [1.5]), Reading("a", 2.0, {"temp": 2.0}), Reading("b", 1.0, [1.0, 2.0])],
+...     channel_names=("temp",),
+... )
+>>> batch.values.tolist(), batch.reject.tolist()
+([[1.5], [2.0], [nan]], [None, None, 'wrong_channel_count'])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+
+class RejectReason(StrEnum):
+    """Why a reading could not be scored (its device's state is left untouched)."""
+
+    WRONG_CHANNEL_COUNT = "wrong_channel_count"
+    UNKNOWN_CHANNEL = "unknown_channel"
+    NON_FINITE = "non_finite"
+    BAD_VALUE = "bad_value"
+    NO_VALUES = "no_values"
+    BAD_TIMESTAMP = "bad_timestamp"
+    OUT_OF_ORDER = "out_of_order"
+    DUPLICATE_TIMESTAMP = "duplicate_timestamp"
+    BAD_DEVICE_ID = "bad_device_id"
+    CAPACITY = "capacity"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One reading as it arrives: ``values`` as a list (by position) or a mapping (by channel name).
+
+    ``None`` or NaN marks a missing channel; a channel absent from a mapping is missing too.
+    ``ts``: unix seconds, a timezone-aware ``datetime`` or an RFC 3339 string.
+    """
+
+    device_id: str
+    ts: float | str | datetime
+    values: Sequence[float | None] | Mapping[str, float | None]
+
+
+def parse_ts(ts: Any) -> float:
+    """Unix seconds from a number, an aware ``datetime`` or an RFC 3339 string (``Z`` allowed).
+
+    >>> parse_ts("1970-01-01T00:01:00Z"), parse_ts(5)
+    (60.0, 5.0)
+    """
+    if isinstance(ts, bool):
+        raise ValueError("timestamp must be a number or an RFC 3339 string")
+    if isinstance(ts, int | float):
+        value = float(ts)
+    elif isinstance(ts, datetime):
+        if ts.tzinfo is None:
+            raise ValueError("timestamp needs a timezone")
+        value = ts.timestamp()
+    elif isinstance(ts, str):
+        dt = datetime.fromisoformat(ts.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        if dt.tzinfo is None:
+            raise ValueError("RFC 3339 timestamp needs a timezone offset")
+        value = dt.timestamp()
+    else:
+        raise ValueError("timestamp must be a number or an RFC 3339 string")
+    if not math.isfinite(value):
+        raise ValueError("timestamp must be finite")
+    return value
+
+
+@dataclass
+class ReadingBatch:
+    """Columnar readings: ``values`` (N, C) float64 with NaN for missing channels.
+
+    ``reject`` (N,) object array holds a reason for readings already refused while parsing
+    (None for the rest); those readings never touch state.
+    """
+
+    device_ids: list[str]
+    ts: np.ndarray
+    values: np.ndarray
+    reject: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
+
+    def __post_init__(self) -> None:
+        n = len(self.device_ids)
+        self.ts = np.asarray(self.ts, dtype=np.float64).reshape(n)
+        self.values = np.asarray(self.values, dtype=np.float64)
+        if self.values.ndim != 2 or self.values.shape[0] != n:
+            raise ValueError(f"values must be (N, C) with N={n}, got {self.values.shape}")
+        if self.reject.size == 0:
+            self.reject = np.full(n, None, dtype=object)
+        elif self.reject.shape != (n,):
+            raise ValueError("reject must have one entry per reading")
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+    @property
+    def channels(self) -> int:
+        return int(self.values.shape[1])
+
+    @classmethod
+    def from_records(cls, readings: Sequence[Reading], channel_names: Sequence[str]) -> ReadingBatch:
+        """Parse heterogeneous readings; malformed ones become rejections with a reason code."""
+        c = len(channel_names)
+        index = {name: i for i, name in enumerate(channel_names)}
+        n = len(readings)
+        values = np.full((n, c), np.nan)
+        ts = np.zeros(n)
+        reject = np.full(n, None, dtype=object)
+        for i, r in enumerate(readings):
+            reason = _parse_into(r, index, values[i])
+            if reason is None:
+                try:
+                    ts[i] = parse_ts(r.ts)
+                except (ValueError, TypeError, OverflowError):
+                    reason = RejectReason.BAD_TIMESTAMP
+            reject[i] = reason.value if reason is not None else None
+        return cls([r.device_id for r in readings], ts, values, reject)
+
+
+def _parse_into(r: Reading, index: Mapping[str, int], out: np.ndarray) -> RejectReason | None:
+    if not isinstance(r.device_id, str) or not r.device_id:
+        return RejectReason.BAD_DEVICE_ID
+    vals = r.values
+    if isinstance(vals, Mapping):
+        unknown = [k for k in vals if k not in index]
+        if unknown:
+            return RejectReason.UNKNOWN_CHANNEL
+        items: list[tuple[int, Any]] = [(index[k], v) for k, v in vals.items()]
+    elif isinstance(vals, Sequence) and not isinstance(vals, str | bytes):
+        if len(vals) != len(index):
+            return RejectReason.WRONG_CHANNEL_COUNT
+        items = list(enumerate(vals))
+    else:
+        return RejectReason.BAD_VALUE
+    for i, v in items:
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return RejectReason.BAD_VALUE
+        out[i] = float(v)
+    return None
+
+
+#: Per-reading result columns (besides device_id, ts, accepted, reason and model_version).
+RESULT_COLUMNS = (
+    "predicted",
+    "z",
+    "raw_score",
+    "smoothed_score",
+    "threshold",
+    "likelihood",
+    "is_anomaly",
+    "attribution",
+    "warming_up",
+    "gap_reset",
+    "imputed",
+)
+
+
+@dataclass
+class StepResult:
+    """One entry per input reading, in input order. Rejected readings have ``accepted`` False, a
+    ``reason`` and NaN/False in the numeric columns."""
+
+    device_ids: list[str]
+    ts: np.ndarray
+    accepted: np.ndarray
+    reason: np.ndarray
+    predicted: np.ndarray
+    z: np.ndarray
+    raw_score: np.ndarray
+    smoothed_score: np.ndarray
+    threshold: np.ndarray
+    likelihood: np.ndarray
+    is_anomaly: np.ndarray
+    attribution: np.ndarray
+    warming_up: np.ndarray
+    gap_reset: np.ndarray
+    imputed: np.ndarray
+    model_version: str
+    channel_names: tuple[str, ...]
+
+    @classmethod
+    def empty(
+        cls, batch: ReadingBatch, channels: int, model_version: str, channel_names: tuple[str, ...]
+    ) -> StepResult:
+        n = len(batch)
+        nan1, nanc = np.full(n, np.nan), np.full((n, channels), np.nan)
+        f1, fc = np.zeros(n, dtype=bool), np.zeros((n, channels), dtype=bool)
+        return cls(
+            device_ids=list(batch.device_ids),
+            ts=batch.ts.copy(),
+            accepted=f1.copy(),
+            reason=batch.reject.copy(),
+            predicted=nanc.copy(),
+            z=nanc.copy(),
+            raw_score=nan1.copy(),
+            smoothed_score=nan1.copy(),
+            threshold=nan1.copy(),
+            likelihood=nan1.copy(),
+            is_anomaly=f1.copy(),
+            attribution=nanc.copy(),
+            warming_up=f1.copy(),
+            gap_reset=f1.copy(),
+            imputed=fc.copy(),
+            model_version=model_version,
+            channel_names=channel_names,
+        )
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+    def record(self, i: int) -> dict[str, Any]:
+        """Reading ``i`` as a JSON-ready dict (rejections: device_id, ts, accepted, reason)."""
+        base: dict[str, Any] = {"device_id": self.device_ids[i], "ts": float(self.ts[i])}
+        if not self.accepted[i]:
+            return {**base, "accepted": False, "reason": self.reason[i]}
+        names = self.channel_names
+        return {
+            **base,
+            "accepted": True,
+            "predicted": _channel_dict(names, self.predicted[i]),
+            "z": _channel_dict(names, self.z[i]),
+            "raw_score": float(self.raw_score[i]),
+            "smoothed_score": float(self.smoothed_score[i]),
+            "threshold": _finite_or_none(self.threshold[i]),
+            "likelihood": float(self.likelihood[i]),
+            "is_anomaly": bool(self.is_anomaly[i]),
+            "attribution": _channel_dict(names, self.attribution[i]),
+            "warming_up": bool(self.warming_up[i]),
+            "gap_reset": bool(self.gap_reset[i]),
+            "imputed": [n for n, m in zip(names, self.imputed[i], strict=True) if m],
+            "model_version": self.model_version,
+        }
+
+    def records(self) -> list[dict[str, Any]]:
+        return [self.record(i) for i in range(len(self))]
+
+    def anomalies(self) -> np.ndarray:
+        """Indices of readings flagged as anomalies."""
+        return np.flatnonzero(self.is_anomaly)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _channel_dict(names: Sequence[str], row: np.ndarray) -> dict[str, float | None]:
+    return {n: _finite_or_none(v) for n, v in zip(names, row.tolist(), strict=True)}

@@ -1,0 +1,284 @@
+"""From standardised residuals to a calibrated, explainable decision — per device, streaming, vectorised.
+
+Pipeline for a batch of B readings of B distinct devices (every function works on gathered rows):
+
+1. **Raw score** (:func:`raw_score`): the channel residuals ``z`` (B, C) are combined into one
+   equivalent |z| through the χ² tail probability of Σz² with k = observed channels (for k = 1 this
+   is exactly |z|), then squashed as ``1 − exp(−(z/c)²/2)`` — a smooth map to [0, 1) that does not
+   create ties near 1 the way tanh does. Attribution = each channel's share of Σz².
+2. **Smoothing**: EWMA of the raw score.
+3. **Anomaly likelihood** (Numenta-style): the short-term mean of raw scores (last
+   ``likelihood_short``) is compared with the long-term distribution of those means (EW mean and
+   variance over ``likelihood_long`` readings, estimated *before* the current reading):
+   likelihood = Φ((short − μ)/σ) ∈ [0, 1].
+4. **Range check**: a value outside the device's range so far by more than ``range_margin`` of the
+   range gets likelihood 1 — one isolated spike barely moves a short-term mean, this catches it.
+5. **Dynamic threshold** (Telemanom-style, calibrator ``threshold``): the smoothed scores of the
+   last ``threshold_window`` readings live in a per-device ring; every ``threshold_every`` readings
+   the threshold ε = μ + zσ is re-fit by choosing the z that best separates the flagged points
+   (largest relative drop of mean and std below ε, penalised by the number of flagged points and
+   sequences), then minor peaks are pruned by requiring ε ≥ max nominal score / (1 − p).
+   O(W·Z) every K readings = O(1) amortised per reading.
+
+Calibrators differ only in what decides ``is_anomaly``; both report every column.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from sensorwatch.scoring.config import ScorerConfig
+from sensorwatch.state.store import ColumnSpec
+
+F64 = torch.float64
+SQRT2 = math.sqrt(2.0)
+
+
+def calibration_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpec]:
+    cols = {
+        "cal_n": ColumnSpec((), F64),
+        "smooth": ColumnSpec((), F64),
+        "st_ring": ColumnSpec((cfg.likelihood_short,), F64),
+        "lt_mean": ColumnSpec((), F64),
+        "lt_var": ColumnSpec((), F64),
+        "rng_lo": ColumnSpec((channels,), F64, math.inf),
+        "rng_hi": ColumnSpec((channels,), F64, -math.inf),
+        "zvar": ColumnSpec((channels,), F64),
+        "zvar_n": ColumnSpec((channels,), F64),
+        "prev_x": ColumnSpec((channels,), F64, math.nan),
+        "rep_n": ColumnSpec((channels,), F64),
+        "rep_ew": ColumnSpec((channels,), F64),
+        "run": ColumnSpec((channels,), F64),
+    }
+    if cfg.calibrator == "threshold":
+        cols["eps"] = ColumnSpec((), F64, math.inf)
+        # The ring of smoothed scores is updated in place (never gathered whole on the hot path).
+        cols["win"] = ColumnSpec((cfg.threshold_window,), torch.float32)
+    return cols
+
+
+#: Columns the scorer must not gather/scatter per step (updated in place by the calibrator).
+IN_PLACE_COLUMNS = frozenset({"win"})
+
+
+#: Residuals beyond this many (recalibrated) standard deviations update the running RMS as if they
+#: were this large: one huge outlier must not blind the device to the next one.
+RECAL_CLIP = 5.0
+#: Readings of a channel before its recalibration factor is used.
+RECAL_MIN = 10
+
+
+def recalibrate(
+    rows: Mapping[str, torch.Tensor],
+    z: torch.Tensor,
+    scored: torch.Tensor,
+    learn: torch.Tensor,
+    cfg: ScorerConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Divide residuals (B, C) by the device's running RMS of past residuals (causal); channels in
+    ``learn`` (B, C) then update that RMS."""
+    if cfg.recalibrate_window is None:
+        return z, {}
+    n, var = rows["zvar_n"], rows["zvar"]
+    rms = torch.sqrt(var).clamp_min(1e-6)
+    z_cal = torch.where(n >= RECAL_MIN, z / rms, z)
+    z2 = torch.where(learn, torch.minimum(z * z, RECAL_CLIP**2 * torch.where(n >= RECAL_MIN, var, z * z)), 0.0)
+    z_cal = torch.where(scored, z_cal, 0.0)
+    n_new = n + learn.to(F64)
+    alpha = torch.where(learn, 1.0 / n_new.clamp(min=1, max=cfg.recalibrate_window), 0.0)
+    return z_cal, {"zvar_n": n_new, "zvar": var + alpha * (z2 - var)}
+
+
+def stuck_likelihood(
+    rows: Mapping[str, torch.Tensor], x: torch.Tensor, observed: torch.Tensor, cfg: ScorerConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per reading, 1 − p^r maxed over channels: r = current run of identical values, p = the channel's
+    Laplace-smoothed repeat rate before this reading. Returns (likelihood (B,), state updates)."""
+    prev = rows["prev_x"]
+    cmp = observed & torch.isfinite(prev)
+    rep = cmp & (x == prev)
+    m = rows["rep_n"].clamp(max=cfg.norm_window)
+    p = (rows["rep_ew"] * m + 1) / (m + 2)
+    run = torch.where(rep, rows["run"] + 1, torch.where(cmp, 0.0, rows["run"]))
+    lik = torch.where(run > 0, -torch.expm1(run * torch.log(p)), 0.0).amax(1)
+    n_new = rows["rep_n"] + cmp.to(F64)
+    alpha = torch.where(cmp, 1.0 / n_new.clamp(min=1, max=cfg.norm_window), 0.0)
+    upd = {
+        "prev_x": torch.where(observed, x, prev),
+        "rep_n": n_new,
+        "rep_ew": rows["rep_ew"] + alpha * (rep.to(F64) - rows["rep_ew"]),
+        "run": run,
+    }
+    return lik, upd
+
+
+def raw_score(z: torch.Tensor, scored: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw score (B,) in [0, 1) and attribution (B, C) summing to 1 from residuals ``z`` (B, C).
+
+    ``scored`` (B, C) marks the channels that have a residual (observed and predicted).
+    """
+    z2 = torch.where(scored, z * z, torch.zeros_like(z))
+    ss = z2.sum(1)
+    k = scored.sum(1).to(F64)
+    q = torch.special.gammaincc(k.clamp_min(1) / 2, ss / 2)  # χ²_k tail probability of Σz²
+    z_eq = torch.where(k > 0, -torch.special.ndtri((q / 2).clamp_min(1e-300)), torch.zeros_like(ss))
+    raw = -torch.expm1(-0.5 * (z_eq / c) ** 2)
+    weights = torch.where(ss[:, None] > 0, z2, scored.to(F64))
+    none = weights.sum(1, keepdim=True) == 0
+    weights = torch.where(none, torch.ones_like(weights), weights)
+    return raw, weights / weights.sum(1, keepdim=True)
+
+
+@dataclass
+class CalibrationOut:
+    smoothed: torch.Tensor
+    threshold: torch.Tensor
+    likelihood: torch.Tensor
+    decision: torch.Tensor
+    rows: dict[str, torch.Tensor]
+
+
+def calibrate(
+    rows: Mapping[str, torch.Tensor],
+    raw: torch.Tensor,
+    x: torch.Tensor,
+    observed: torch.Tensor,
+    scored: torch.Tensor,
+    armed: torch.Tensor,
+    cfg: ScorerConfig,
+) -> CalibrationOut:
+    """Smoothed score, threshold, likelihood and decision for B readings of B distinct devices.
+
+    ``scored`` (B,) marks readings with a valid raw score (not a device's first reading or a gap
+    reset); only those update the score statistics. ``armed`` (B,) marks readings past warm-up
+    (the range check needs a learnt range). State rows of unscored readings are left unchanged
+    except for the observed range.
+    """
+    n = rows["cal_n"]
+    first = n == 0
+    smoothed = torch.where(first, raw, cfg.smoothing_alpha * raw + (1 - cfg.smoothing_alpha) * rows["smooth"])
+
+    # Anomaly likelihood: short-term mean vs the long-term distribution seen so far.
+    s = cfg.likelihood_short
+    pos = (n % s).long()
+    ring = rows["st_ring"].clone()
+    ring.scatter_(1, pos[:, None], raw[:, None])
+    short = ring.sum(1) / torch.clamp(n + 1, max=s)
+    sd = torch.sqrt(rows["lt_var"]).clamp_min(cfg.likelihood_std_floor)
+    likelihood = torch.where(n >= 2, 0.5 * torch.erfc(-(short - rows["lt_mean"]) / (sd * SQRT2)), 0.5)
+    alpha = 1.0 / torch.clamp(n + 1, max=cfg.likelihood_long)
+    delta = short - rows["lt_mean"]
+    lt_mean = rows["lt_mean"] + alpha * delta
+    lt_var = (1 - alpha) * (rows["lt_var"] + alpha * delta * delta)
+
+    # Range check on the raw values.
+    lo, hi = rows["rng_lo"], rows["rng_hi"]
+    margin = (cfg.range_margin or 0.0) * (hi - lo)
+    outside = observed & ((x < lo - margin) | (x > hi + margin)) & torch.isfinite(hi - lo)
+    out_of_range = outside.any(1) & armed & (n >= cfg.range_warmup) if cfg.range_margin is not None else torch.zeros_like(armed)
+    likelihood = torch.where(out_of_range, 1.0, likelihood)
+    hard = out_of_range
+    if cfg.stuck_check:
+        stuck, stuck_rows = stuck_likelihood(rows, x, observed, cfg)
+        stuck = torch.where(armed, stuck, 0.0)
+        likelihood = torch.maximum(likelihood, stuck)
+        hard = hard | (stuck >= cfg.likelihood_threshold)
+    new_lo = torch.where(observed, torch.minimum(lo, x), lo)
+    new_hi = torch.where(observed, torch.maximum(hi, x), hi)
+
+    new = {
+        "cal_n": n + 1,
+        "smooth": smoothed,
+        "st_ring": ring,
+        "lt_mean": lt_mean,
+        "lt_var": lt_var,
+    }
+    keep = {k: torch.where(_bcast(scored, v), v, rows[k]) for k, v in new.items()}
+    keep["rng_lo"], keep["rng_hi"] = new_lo, new_hi
+    if cfg.stuck_check:
+        keep.update(stuck_rows)
+    likelihood = torch.where(scored, likelihood, torch.zeros_like(likelihood))
+    smoothed = torch.where(scored, smoothed, torch.zeros_like(smoothed))
+
+    if cfg.calibrator == "threshold":
+        threshold = rows["eps"]
+        decision = (smoothed > threshold) | hard
+        keep["eps"] = rows["eps"]
+    else:
+        threshold = torch.full_like(likelihood, cfg.likelihood_threshold)
+        decision = likelihood >= cfg.likelihood_threshold
+    return CalibrationOut(smoothed, threshold, likelihood, decision & scored & armed, keep)
+
+
+def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
+
+
+def update_threshold_window(
+    win: torch.Tensor,
+    eps: torch.Tensor,
+    rows: torch.Tensor,
+    smoothed: torch.Tensor,
+    cal_n: torch.Tensor,
+    cfg: ScorerConfig,
+) -> None:
+    """Append ``smoothed`` to the rings of ``rows`` in place and re-fit ε for rows that are due.
+
+    ``cal_n`` is each row's count of scored readings *including* this one. ``win`` (D, W) and
+    ``eps`` (D,) are the store's full columns.
+    """
+    w = cfg.threshold_window
+    pos = ((cal_n - 1) % w).long()
+    win[rows, pos] = smoothed.to(win.dtype)
+    due = (cal_n % cfg.threshold_every == 0) & (cal_n >= min(w, 2 * cfg.threshold_every))
+    if bool(due.any()):
+        due_rows = rows[due]
+        eps[due_rows] = fit_threshold(win[due_rows].to(F64), cal_n[due], cfg)
+
+
+def fit_threshold(win: torch.Tensor, cal_n: torch.Tensor, cfg: ScorerConfig) -> torch.Tensor:
+    """Telemanom-style non-parametric threshold for each row of ``win`` (n, W) ring buffers.
+
+    ``cal_n`` (n,) says how many scores were written (the ring is full once ``cal_n ≥ W``).
+    """
+    n_rows, w = win.shape
+    filled = torch.clamp(cal_n, max=w).long()
+    # Chronological order: the oldest entry sits at cal_n % W once the ring has wrapped.
+    start = torch.where(cal_n >= w, cal_n % w, torch.zeros_like(cal_n)).long()
+    idx = (start[:, None] + torch.arange(w)[None, :]) % w
+    e = torch.gather(win, 1, idx)
+    valid = torch.arange(w)[None, :] < filled[:, None]
+    cnt = filled.to(F64)
+    mu = torch.where(valid, e, 0).sum(1) / cnt
+    sigma = torch.sqrt((torch.where(valid, (e - mu[:, None]) ** 2, 0)).sum(1) / cnt)
+
+    zs = torch.arange(cfg.z_min, cfg.z_max + 1e-9, cfg.z_step, dtype=F64)
+    eps_z = mu[:, None] + zs[None, :] * sigma[:, None]  # (n, Z)
+    above = (e[:, None, :] > eps_z[:, :, None]) & valid[:, None, :]  # (n, Z, W)
+    below = valid[:, None, :] & ~above
+    n_above = above.sum(2).to(F64)
+    n_below = below.sum(2).to(F64).clamp_min(1)
+    e3 = e[:, None, :].expand_as(above)
+    mean_below = torch.where(below, e3, 0).sum(2) / n_below
+    std_below = torch.sqrt(torch.where(below, (e3 - mean_below[..., None]) ** 2, 0).sum(2) / n_below)
+    prev = torch.nn.functional.pad(above[..., :-1], (1, 0), value=False)
+    n_seq = (above & ~prev).sum(2).to(F64)
+    tiny = 1e-12
+    mean_delta = (mu[:, None] - mean_below) / (mu[:, None] + tiny)
+    sd_delta = (sigma[:, None] - std_below) / (sigma[:, None] + tiny)
+    score = (mean_delta + sd_delta) / (n_seq**2 + n_above).clamp_min(1)
+    ok = (n_above > 0) & (n_seq <= cfg.max_sequences) & (n_above < 0.5 * cnt[:, None])
+    score = torch.where(ok, score, -math.inf)
+    # Ties go to the larger z (the more conservative threshold): argmax over the reversed z axis.
+    best_rev = torch.argmax(torch.flip(score, [1]), dim=1)
+    best = zs.numel() - 1 - best_rev
+    any_ok = ok.any(1)
+    z_best = torch.where(any_ok, zs[best], zs[-1])
+    eps = mu + z_best * sigma
+    nominal = torch.where(valid & (e <= eps[:, None]), e, -math.inf).amax(1)
+    eps = torch.maximum(eps, nominal / (1 - cfg.prune_p))
+    return eps.clamp_min(cfg.min_threshold)

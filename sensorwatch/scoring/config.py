@@ -1,0 +1,98 @@
+"""Every tunable of the streaming scorer, in one validated object with documented defaults.
+
+>>> from sensorwatch.scoring.config import ScorerConfig
+>>> cfg = ScorerConfig(calibrator="threshold", warmup=10)
+>>> cfg.calibrator, cfg.warmup, cfg.score_c
+('threshold', 10, 2.0)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CalibratorName = Literal["likelihood", "threshold"]
+CALIBRATORS: tuple[CalibratorName, ...] = ("likelihood", "threshold")
+
+
+class ScorerConfig(BaseModel):
+    """Parameters of :class:`~sensorwatch.scoring.scorer.StreamScorer` (all per device, all streaming)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- decision -------------------------------------------------------------------------------
+    calibrator: CalibratorName = Field(
+        "likelihood",
+        description="What decides is_anomaly: 'likelihood' (anomaly likelihood ≥ likelihood_threshold, "
+        "Numenta-style) or 'threshold' (smoothed score above the dynamic threshold, Telemanom-style).",
+    )
+    warmup: int = Field(64, ge=0, description="Readings after a device starts (or a gap reset) with no alerts.")
+    # --- raw score --------------------------------------------------------------------------------
+    score_c: float = Field(
+        2.0, gt=0, description="Raw score = 1 − exp(−(z/c)²/2) of the channel-combined residual z."
+    )
+    recalibrate_window: int | None = Field(
+        1000,
+        ge=2,
+        description="Online recalibration of residuals: z is divided by the device's running RMS of z "
+        "over this horizon (readings), so a model's over/under-confident scale is corrected per device "
+        "and channel; None trusts the model's scale.",
+    )
+    # --- gaps and sampling ------------------------------------------------------------------------
+    max_gap_s: float | None = Field(
+        21600.0, gt=0, description="A gap longer than this (seconds) resets the hidden state; None: never."
+    )
+    dt_window: int = Field(100, ge=1, description="Horizon (readings) of the typical-interval estimate.")
+    dt_clip: float = Field(5.0, gt=0, description="Clip of the Δt feature log(Δt / typical Δt).")
+    # --- per-device normalisation -----------------------------------------------------------------
+    norm_window: int = Field(
+        10_000, ge=1, description="Horizon (readings) of the running mean/std normaliser (exact mean before it)."
+    )
+    std_floor_rel: float = Field(1e-3, ge=0, description="Normaliser std floor, relative to |running mean|.")
+    std_floor_abs: float = Field(1e-6, gt=0, description="Normaliser std floor, absolute.")
+    # --- smoothing and dynamic threshold (calibrator 'threshold') ---------------------------------
+    smoothing_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest raw score.")
+    threshold_window: int = Field(128, ge=8, description="Trailing smoothed scores the threshold is fit on.")
+    threshold_every: int = Field(32, ge=1, description="Re-fit the threshold every K readings per device.")
+    z_min: float = Field(2.5, gt=0, description="Smallest z tried in ε = μ + zσ.")
+    z_max: float = Field(12.0, gt=0, description="Largest z tried (and the fallback when no split helps).")
+    z_step: float = Field(0.5, gt=0, description="Step between the z values tried.")
+    max_sequences: int = Field(5, ge=1, description="A split with more anomalous sequences is not chosen.")
+    prune_p: float = Field(
+        0.13, ge=0, lt=1, description="Minor-peak pruning: flag only scores ≥ max nominal score / (1 − p)."
+    )
+    min_threshold: float = Field(0.05, ge=0, le=1, description="Floor of the dynamic threshold.")
+    # --- anomaly likelihood -----------------------------------------------------------------------
+    likelihood_short: int = Field(10, ge=1, description="Readings in the short-term mean of raw scores.")
+    likelihood_long: int = Field(
+        2000, ge=2, description="Horizon (readings) of the long-term distribution of short-term means."
+    )
+    likelihood_std_floor: float = Field(0.005, gt=0, description="Floor of the long-term std.")
+    likelihood_threshold: float = Field(
+        0.9999, gt=0, lt=1, description="Decision cut for calibrator 'likelihood'."
+    )
+    range_margin: float | None = Field(
+        0.05,
+        ge=0,
+        description="After warm-up, a value outside the range seen so far by more than this fraction of "
+        "the range gets likelihood 1 (and is an anomaly); None disables the range check.",
+    )
+    range_warmup: int = Field(
+        300, ge=0, description="Readings a device must have before the range check is armed."
+    )
+    stuck_check: bool = Field(
+        True,
+        description="Stuck-sensor check: a run of r identical values on a channel whose repeat rate so far is "
+        "p has likelihood 1 − p^r (Laplace-smoothed p), so a noisy sensor that freezes is caught.",
+    )
+    # --- state store ------------------------------------------------------------------------------
+    max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")
+    device_ttl_s: float | None = Field(None, gt=0, description="Evict devices idle for this long; None: never.")
+    state_chunk: int = Field(1024, ge=1, description="Rows the state tensors grow by.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ScorerConfig:
+        if self.z_max < self.z_min:
+            raise ValueError("z_max must be >= z_min")
+        return self
