@@ -91,7 +91,7 @@ class ForecasterConfig:
         )
 
 
-_RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_RNN_CLASSES: dict[str, Any] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class Forecaster(nn.Module):
@@ -122,7 +122,9 @@ class Forecaster(nn.Module):
     def initial_state(self, batch: int) -> dict[str, torch.Tensor]:
         """Zero state for ``batch`` devices, as ``name → (batch, layers, hidden)``."""
         p = next(self.parameters())
-        return {k: torch.zeros(batch, *s, dtype=p.dtype, device=p.device) for k, s in self.state_shapes.items()}
+        return {
+            k: torch.zeros(batch, *s, dtype=p.dtype, device=p.device) for k, s in self.state_shapes.items()
+        }
 
     def _head(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config.channels
@@ -147,7 +149,10 @@ class Forecaster(nn.Module):
     def step(
         self, features: torch.Tensor, state: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """One step for B devices: ``features`` (B, 2C+1), ``state`` rows (B, L, H) → mean, scale (B, C), state."""
+        """One step for B devices.
+
+        ``features`` (B, 2C+1) and ``state`` rows (B, L, H) → mean, scale (B, C) and the new state rows.
+        """
         out, new = self.rnn(features.unsqueeze(1), self._rnn_state(state))
         mean, scale = self._head(out[:, 0], features)
         return mean, scale, self._state_rows(new)
@@ -158,12 +163,12 @@ class Forecaster(nn.Module):
         lengths: torch.Tensor | None = None,
         state: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Full sequences: ``features`` (B, T, 2C+1) padded, ``lengths`` (B,) → mean, scale (B, T, C), final state.
+        """Full sequences: ``features`` (B, T, 2C+1) padded, ``lengths`` (B,) → mean, scale (B, T, C), state.
 
         Padded steps are never fed to the recurrence (packed sequences); their outputs are zero and the
         returned state is each sequence's state after its own last valid step.
         """
-        b, t, _ = features.shape
+        t = features.shape[1]
         rnn_state = self._rnn_state(state) if state is not None else None
         if lengths is None:
             out, new = self.rnn(features, rnn_state)
@@ -173,10 +178,22 @@ class Forecaster(nn.Module):
             out, _ = pad_packed_sequence(out_packed, batch_first=True, total_length=t)
         mean, scale = self._head(out, features)
         if lengths is not None:
-            valid = (torch.arange(t, device=features.device)[None, :] < lengths.to(features.device)[:, None])
+            valid = torch.arange(t, device=features.device)[None, :] < lengths.to(features.device)[:, None]
             mean = mean * valid[..., None]
             scale = torch.where(valid[..., None], scale, torch.ones_like(scale))
         return mean, scale, self._state_rows(new)
+
+
+BUILTIN_VERSION = "builtin-persistence/0"
+
+
+def builtin_model(channels: int = 1) -> Forecaster:
+    """The documented built-in fallback: an LSTM (hidden 32, 1 layer) with a zero head, i.e. a
+    last-value (persistence) forecaster with unit scale; per-device recalibration does the rest."""
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(0)
+        return Forecaster(ForecasterConfig(cell="lstm", hidden_size=32, num_layers=1, channels=channels))
 
 
 def _inverse_softplus(y: float) -> float:

@@ -86,7 +86,9 @@ def recalibrate(
     n, var = rows["zvar_n"], rows["zvar"]
     rms = torch.sqrt(var).clamp_min(1e-6)
     z_cal = torch.where(n >= RECAL_MIN, z / rms, z)
-    z2 = torch.where(learn, torch.minimum(z * z, RECAL_CLIP**2 * torch.where(n >= RECAL_MIN, var, z * z)), 0.0)
+    z2 = torch.where(
+        learn, torch.minimum(z * z, RECAL_CLIP**2 * torch.where(n >= RECAL_MIN, var, z * z)), 0.0
+    )
     z_cal = torch.where(scored, z_cal, 0.0)
     n_new = n + learn.to(F64)
     alpha = torch.where(learn, 1.0 / n_new.clamp(min=1, max=cfg.recalibrate_window), 0.0)
@@ -179,7 +181,11 @@ def calibrate(
     lo, hi = rows["rng_lo"], rows["rng_hi"]
     margin = (cfg.range_margin or 0.0) * (hi - lo)
     outside = observed & ((x < lo - margin) | (x > hi + margin)) & torch.isfinite(hi - lo)
-    out_of_range = outside.any(1) & armed & (n >= cfg.range_warmup) if cfg.range_margin is not None else torch.zeros_like(armed)
+    out_of_range = (
+        outside.any(1) & armed & (n >= cfg.range_warmup)
+        if cfg.range_margin is not None
+        else torch.zeros_like(armed)
+    )
     likelihood = torch.where(out_of_range, 1.0, likelihood)
     hard = out_of_range
     if cfg.stuck_check:
@@ -245,7 +251,7 @@ def fit_threshold(win: torch.Tensor, cal_n: torch.Tensor, cfg: ScorerConfig) -> 
 
     ``cal_n`` (n,) says how many scores were written (the ring is full once ``cal_n ≥ W``).
     """
-    n_rows, w = win.shape
+    w = win.shape[1]
     filled = torch.clamp(cal_n, max=w).long()
     # Chronological order: the oldest entry sits at cal_n % W once the ring has wrapped.
     start = torch.where(cal_n >= w, cal_n % w, torch.zeros_like(cal_n)).long()

@@ -27,7 +27,9 @@ class ScorerConfig(BaseModel):
         description="What decides is_anomaly: 'likelihood' (anomaly likelihood ≥ likelihood_threshold, "
         "Numenta-style) or 'threshold' (smoothed score above the dynamic threshold, Telemanom-style).",
     )
-    warmup: int = Field(64, ge=0, description="Readings after a device starts (or a gap reset) with no alerts.")
+    warmup: int = Field(
+        64, ge=0, description="Readings after a device starts (or a gap reset) with no alerts."
+    )
     # --- raw score --------------------------------------------------------------------------------
     score_c: float = Field(
         2.0, gt=0, description="Raw score = 1 − exp(−(z/c)²/2) of the channel-combined residual z."
@@ -47,7 +49,9 @@ class ScorerConfig(BaseModel):
     dt_clip: float = Field(5.0, gt=0, description="Clip of the Δt feature log(Δt / typical Δt).")
     # --- per-device normalisation -----------------------------------------------------------------
     norm_window: int = Field(
-        10_000, ge=1, description="Horizon (readings) of the running mean/std normaliser (exact mean before it)."
+        10_000,
+        ge=1,
+        description="Horizon (readings) of the running mean/std normaliser (exact mean before it).",
     )
     std_floor_rel: float = Field(1e-3, ge=0, description="Normaliser std floor, relative to |running mean|.")
     std_floor_abs: float = Field(1e-6, gt=0, description="Normaliser std floor, absolute.")
@@ -83,12 +87,14 @@ class ScorerConfig(BaseModel):
     )
     stuck_check: bool = Field(
         True,
-        description="Stuck-sensor check: a run of r identical values on a channel whose repeat rate so far is "
-        "p has likelihood 1 − p^r (Laplace-smoothed p), so a noisy sensor that freezes is caught.",
+        description="Stuck-sensor check: a run of r identical values on a channel whose repeat rate so far "
+        "is p has likelihood 1 − p^r (Laplace-smoothed p), so a noisy sensor that freezes is caught.",
     )
     # --- state store ------------------------------------------------------------------------------
     max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")
-    device_ttl_s: float | None = Field(None, gt=0, description="Evict devices idle for this long; None: never.")
+    device_ttl_s: float | None = Field(
+        None, gt=0, description="Evict devices idle for this long; None: never."
+    )
     state_chunk: int = Field(1024, ge=1, description="Rows the state tensors grow by.")
 
     @model_validator(mode="after")

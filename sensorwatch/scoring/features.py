@@ -64,7 +64,9 @@ def delta_t_feature(
     has_dt = torch.isfinite(dt) & (dt > 0)
     logdt = torch.log(torch.where(has_dt, dt, torch.ones_like(dt)))
     known = rows["dt_n"] > 0
-    feat = torch.where(has_dt & known, logdt - rows["dt_logmean"], torch.zeros_like(dt)).clamp(-cfg.dt_clip, cfg.dt_clip)
+    feat = torch.where(has_dt & known, logdt - rows["dt_logmean"], torch.zeros_like(dt)).clamp(
+        -cfg.dt_clip, cfg.dt_clip
+    )
     learn = learn & has_dt
     n = rows["dt_n"] + learn.to(F64)
     alpha = torch.where(learn, 1.0 / torch.clamp(n, min=1, max=cfg.dt_window), torch.zeros_like(n))

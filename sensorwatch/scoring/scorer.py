@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
+from sensorwatch.model.forecaster import BUILTIN_VERSION, Forecaster, builtin_model
 from sensorwatch.scoring import calibration as cal
 from sensorwatch.scoring import features as feat
 from sensorwatch.scoring.batch import Reading, ReadingBatch, RejectReason, StepResult
@@ -95,11 +95,9 @@ class StreamScorer:
 
     @classmethod
     def builtin(cls, channels: int = 1, config: ScorerConfig | None = None, **kw: Any) -> StreamScorer:
-        """The documented built-in fallback: an untrained LSTM (hidden 32) whose zero head makes it a
-        last-value (persistence) forecaster with unit scale; calibration does the rest."""
-        torch.manual_seed(0)
-        model = Forecaster(ForecasterConfig(cell="lstm", hidden_size=32, num_layers=1, channels=channels))
-        return cls(model, config, model_version=kw.pop("model_version", "builtin-persistence/0"), **kw)
+        """A scorer around the built-in persistence fallback (:func:`builtin_model`)."""
+        kw.setdefault("model_version", BUILTIN_VERSION)
+        return cls(builtin_model(channels), config, **kw)
 
     @property
     def channel_names(self) -> tuple[str, ...]:
@@ -108,8 +106,10 @@ class StreamScorer:
     # ------------------------------------------------------------------ public API
     def step(self, readings: ReadingBatch | Sequence[Reading]) -> StepResult:
         """Score a batch of readings from any mix of devices; one result per reading, in input order."""
-        batch = readings if isinstance(readings, ReadingBatch) else ReadingBatch.from_records(
-            readings, self.channel_names
+        batch = (
+            readings
+            if isinstance(readings, ReadingBatch)
+            else ReadingBatch.from_records(readings, self.channel_names)
         )
         result = StepResult.empty(batch, self.model.config.channels, self.model_version, self.channel_names)
         if len(batch) == 0:
@@ -276,8 +276,12 @@ class StreamScorer:
             self.store.columns[k].index_copy_(0, rows, new[k].to(self.store.columns[k].dtype))
         if cfg.calibrator == "threshold" and bool(has_pred.any()):
             cal.update_threshold_window(
-                self.store.columns["win"], self.store.columns["eps"], rows[has_pred],
-                co.smoothed[has_pred], co.rows["cal_n"][has_pred], cfg,
+                self.store.columns["win"],
+                self.store.columns["eps"],
+                rows[has_pred],
+                co.smoothed[has_pred],
+                co.rows["cal_n"][has_pred],
+                cfg,
             )
 
         none = ~has_pred

@@ -151,7 +151,9 @@ class DeviceStateStore:
     def _allocate(self, new_ids: list[str], keep: np.ndarray) -> None:
         need = len(new_ids)
         if need > self.max_devices - keep.size:
-            raise CapacityError(f"{need} new devices do not fit beside {keep.size} active (max {self.max_devices})")
+            raise CapacityError(
+                f"{need} new devices do not fit beside {keep.size} active (max {self.max_devices})"
+            )
         if need > len(self._free) and self.capacity < self.max_devices:
             self._grow(min(self.max_devices, max(self.capacity * 2, len(self) + need)))
         short = need - len(self._free)
@@ -253,7 +255,9 @@ class DeviceStateStore:
                 metadata = fh.metadata() or {}
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for truncated/garbage files
-            raise StateIncompatibleError(f"{path}: not a readable safetensors state snapshot ({exc})") from exc
+            raise StateIncompatibleError(
+                f"{path}: not a readable safetensors state snapshot ({exc})"
+            ) from exc
         if metadata.get("format") != SNAPSHOT_FORMAT:
             raise StateIncompatibleError(f"{path}: not a sensorwatch state snapshot")
         return tensors, metadata
@@ -263,8 +267,12 @@ class DeviceStateStore:
         tensors, metadata = self.read_snapshot(path)
         theirs = json.loads(metadata["identity"])
         if theirs != self.identity:
-            diff = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
-            raise StateIncompatibleError(f"{path}: snapshot was written for another model/state layout ({diff})")
+            diff = sorted(
+                k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k)
+            )
+            raise StateIncompatibleError(
+                f"{path}: snapshot was written for another model/state layout ({diff})"
+            )
         ids: list[str] = json.loads(metadata["ids"])
         if len(ids) > self.max_devices:
             ids = ids[len(ids) - self.max_devices :]  # keep the most recently used

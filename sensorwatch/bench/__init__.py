@@ -1,0 +1,1 @@
+"""Benchmarks (separate commands, never timed unit tests)."""

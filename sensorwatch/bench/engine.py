@@ -1,0 +1,167 @@
+"""``sensorwatch bench engine``: readings/s through StreamScorer.step versus a naive per-reading loop.
+
+For N active devices every timed ``step`` call carries one reading of each device (batch = N). The
+naive baseline, measured in the same run on the same model, is what one writes without batching:
+per reading, fetch that device's state from a dict, one forecaster forward call with batch size 1,
+store the state back (no calibration at all, so the baseline is, if anything, flattered). A second
+baseline runs the full ``StreamScorer.step`` with one reading per call. Each figure is the median of
+``trials`` timed runs.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sensorwatch.artifacts import load_default_or_builtin
+from sensorwatch.model.forecaster import Forecaster
+from sensorwatch.scoring.batch import ReadingBatch
+from sensorwatch.scoring.config import ScorerConfig
+from sensorwatch.scoring.scorer import StreamScorer
+
+DEFAULT_DEVICES = (1, 100, 10_000, 100_000)
+
+
+def _batched(model: Forecaster, version: str, n: int, trials: int, min_s: float) -> tuple[float, float]:
+    scorer = StreamScorer(model, ScorerConfig(max_devices=max(n, 1)), model_version=version)
+    ids = [f"dev-{i:06d}" for i in range(n)]
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((n, model.config.channels))
+    ts = 1.7e9
+    for _ in range(3):  # allocate rows, get past first-reading paths
+        ts += 60
+        scorer.step(ReadingBatch(ids, np.full(n, ts), values))
+    rates, step_ms = [], []
+    for _ in range(trials):
+        steps, t0 = 0, time.perf_counter()
+        while True:
+            ts += 60
+            scorer.step(ReadingBatch(ids, np.full(n, ts), values + 0.01 * steps))
+            steps += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_s and steps >= 3:
+                break
+        rates.append(n * steps / elapsed)
+        step_ms.append(1e3 * elapsed / steps)
+    return statistics.median(rates), statistics.median(step_ms)
+
+
+def _naive_forward(model: Forecaster, n: int, trials: int, min_s: float) -> float:
+    c = model.config.channels
+    states = {f"dev-{i:06d}": model.initial_state(1) for i in range(min(n, 10_000))}
+    ids = list(states)
+    feats = torch.zeros(1, 2 * c + 1)
+    rates = []
+    with torch.inference_mode():
+        for _ in range(trials):
+            count, t0 = 0, time.perf_counter()
+            while True:
+                d = ids[count % len(ids)]
+                feats[0, 0] = float(count % 7)
+                _, _, states[d] = model.step(feats, states[d])
+                count += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= min_s and count >= 10:
+                    break
+            rates.append(count / elapsed)
+    return statistics.median(rates)
+
+
+def _naive_step(model: Forecaster, version: str, n: int, trials: int, min_s: float) -> float:
+    scorer = StreamScorer(model, ScorerConfig(max_devices=max(n, 1)), model_version=version)
+    ids = [f"dev-{i:06d}" for i in range(min(n, 2_000))]
+    vals = np.zeros((1, model.config.channels))
+    rates, count = [], 0
+    for _ in range(trials):
+        done, t0 = 0, time.perf_counter()
+        while True:
+            scorer.step(ReadingBatch([ids[count % len(ids)]], np.array([1e9 + count]), vals + count % 7))
+            count += 1
+            done += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_s and done >= 10:
+                break
+        rates.append(done / elapsed)
+    return statistics.median(rates)
+
+
+def run(
+    devices: tuple[int, ...] = DEFAULT_DEVICES,
+    *,
+    model_ref: str | None = None,
+    trials: int = 5,
+    min_s: float = 1.0,
+    channels: int = 1,
+) -> dict[str, Any]:
+    model, version = load_default_or_builtin(model_ref, None, channels)
+    model.eval()
+    rows = []
+    for n in devices:
+        rate, step_ms = _batched(model, version, n, trials, min_s)
+        naive = _naive_forward(model, n, trials, min_s / 2)
+        naive_step = _naive_step(model, version, n, trials, min_s / 2)
+        rows.append(
+            {
+                "devices": n,
+                "readings_per_s": rate,
+                "naive_readings_per_s": naive,
+                "speedup": rate / naive,
+                "naive_step_readings_per_s": naive_step,
+                "step_ms": step_ms,
+            }
+        )
+        print(_fmt_row(rows[-1]), flush=True)
+    cfg = model.config
+    return {
+        "model": version,
+        "architecture": {
+            "cell": cfg.cell,
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers,
+            "channels": cfg.channels,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "trials": trials,
+        "rows": rows,
+    }
+
+
+HEADER = (
+    f"{'devices':>8} {'readings/s':>14} {'naive fwd r/s':>14} {'speedup':>8} "
+    f"{'naive step r/s':>15} {'ms/step':>9}"
+)
+
+
+def _fmt_row(r: dict[str, Any]) -> str:
+    return (
+        f"{r['devices']:>8,} {r['readings_per_s']:>14,.0f} {r['naive_readings_per_s']:>14,.0f} "
+        f"{r['speedup']:>7.0f}x {r['naive_step_readings_per_s']:>15,.0f} {r['step_ms']:>9.2f}"
+    )
+
+
+def main(
+    devices: tuple[int, ...], json_out: str | None, model_ref: str | None, trials: int, min_s: float
+) -> int:
+    print(HEADER, flush=True)
+    report = run(devices, model_ref=model_ref, trials=trials, min_s=min_s)
+    a = report["architecture"]
+    print(
+        f"model {report['model']} ({a['cell']} h={a['hidden_size']} L={a['num_layers']} C={a['channels']}), "
+        f"torch {report['torch']} threads={report['torch_threads']}, median of {trials} trials"
+    )
+    text = json.dumps(report, indent=2)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(text + "\n")
+    print(text)
+    return 0

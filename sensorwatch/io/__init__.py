@@ -1,0 +1,1 @@
+"""File formats: CSV readings in, CSV results out."""
