@@ -37,5 +37,8 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(BIN)/sensorwatch bench engine --json out/bench-engine.json
 
+run: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -19,7 +19,9 @@ from sensorwatch.scoring.batch import StepResult
 
 
 def parse_csv_ts(s: str) -> float:
-    """>>> parse_csv_ts("1970-01-01 00:00:10"), parse_csv_ts("12.5")
+    """Unix seconds from a CSV cell; NaN when unparseable (the reading is then rejected).
+
+    >>> parse_csv_ts("1970-01-01 00:00:10"), parse_csv_ts("12.5")
     (10.0, 12.5)
     """
     s = s.strip()

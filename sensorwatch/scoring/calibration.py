@@ -47,13 +47,15 @@ def calibration_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpe
         "lt_var": ColumnSpec((), F64),
         "rng_lo": ColumnSpec((channels,), F64, math.inf),
         "rng_hi": ColumnSpec((channels,), F64, -math.inf),
-        "zvar": ColumnSpec((channels,), F64),
-        "zvar_n": ColumnSpec((channels,), F64),
-        "prev_x": ColumnSpec((channels,), F64, math.nan),
-        "rep_n": ColumnSpec((channels,), F64),
-        "rep_ew": ColumnSpec((channels,), F64),
-        "run": ColumnSpec((channels,), F64),
     }
+    if cfg.recalibrate_window is not None:
+        cols["zvar"] = ColumnSpec((channels,), F64)
+        cols["zvar_n"] = ColumnSpec((channels,), F64)
+    if cfg.stuck_check:
+        cols["prev_x"] = ColumnSpec((channels,), F64, math.nan)
+        cols["rep_n"] = ColumnSpec((channels,), F64)
+        cols["rep_ew"] = ColumnSpec((channels,), F64)
+        cols["run"] = ColumnSpec((channels,), F64)
     if cfg.calibrator == "threshold":
         cols["eps"] = ColumnSpec((), F64, math.inf)
         # The ring of smoothed scores is updated in place (never gathered whole on the hot path).

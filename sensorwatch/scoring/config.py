@@ -57,8 +57,8 @@ class ScorerConfig(BaseModel):
     std_floor_abs: float = Field(1e-6, gt=0, description="Normaliser std floor, absolute.")
     # --- smoothing and dynamic threshold (calibrator 'threshold') ---------------------------------
     smoothing_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest raw score.")
-    threshold_window: int = Field(128, ge=8, description="Trailing smoothed scores the threshold is fit on.")
-    threshold_every: int = Field(32, ge=1, description="Re-fit the threshold every K readings per device.")
+    threshold_window: int = Field(512, ge=8, description="Trailing smoothed scores the threshold is fit on.")
+    threshold_every: int = Field(64, ge=1, description="Re-fit the threshold every K readings per device.")
     z_min: float = Field(2.5, gt=0, description="Smallest z tried in ε = μ + zσ.")
     z_max: float = Field(12.0, gt=0, description="Largest z tried (and the fallback when no split helps).")
     z_step: float = Field(0.5, gt=0, description="Step between the z values tried.")

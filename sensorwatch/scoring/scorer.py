@@ -153,6 +153,13 @@ class StreamScorer:
         self._reject(result, ok, ~np.isfinite(batch.ts), RejectReason.BAD_TIMESTAMP)
 
         distinct = list(dict.fromkeys(batch.device_ids))
+        if "" in distinct or None in distinct:
+            self._reject(
+                result,
+                ok,
+                np.isin(np.array(batch.device_ids, dtype=object), ["", None]),
+                RejectReason.BAD_DEVICE_ID,
+            )
         if len(distinct) == n:
             inv = np.arange(n)
         else:

@@ -22,6 +22,7 @@ store with another identity is a :class:`StateIncompatibleError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -54,7 +55,9 @@ class ColumnSpec:
     fill: float = 0.0
 
     def describe(self) -> list[Any]:
-        return [list(self.shape), str(self.dtype).removeprefix("torch."), self.fill]
+        # Non-finite fills as strings: NaN != NaN would make a JSON round trip never compare equal.
+        fill: float | str = self.fill if math.isfinite(self.fill) else str(self.fill)
+        return [list(self.shape), str(self.dtype).removeprefix("torch."), fill]
 
 
 class DeviceStateStore:

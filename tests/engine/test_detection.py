@@ -1,0 +1,174 @@
+"""End-to-end detection with the built-in (persistence) model and default configs.
+
+A daily-ish seasonal series (sine of period 288 readings, amplitude 1, Gaussian noise σ = 0.07,
+4000 readings 300 s apart) gets one injected anomaly at reading 3000, one series per type:
+
+* ``spike``: +1.5 on one reading;
+* ``level_shift``: +1.0 from reading 3000 on;
+* ``stuck``: the value frozen for 50 readings (3000…3049);
+* ``level_shift_in_range``: −1.0 from reading 3000 on, where the sine is at +0.5, so the shifted
+  values stay inside the range seen so far for 38 readings. Not detected promptly by the library
+  (strict xfail, see below): the likelihood in its region peaks at 0.998963, below the normal
+  max; the likelihood calibrator first flags it at reading 3038 (range check), the threshold
+  calibrator at 3000.
+
+All series share the same noise draw, so the series without an anomaly is the exact negative
+control of each. The four series are scored as four devices of one scorer (one batched step per
+500 timestamps), once per calibrator.
+
+"Normal readings" are those after warm-up (``warming_up`` False) and before the injection; the
+"injected region" is the injected reading(s) plus the 5 readings after.
+
+Measured (seed 0; likelihood is the same column under both calibrators):
+
+* normal readings: max likelihood 0.999964 (1 − 3.6e-5), 99th percentile 0.9945;
+  across seeds 0–3 and noise 0.05–0.1 the max stayed ≤ 0.99999 and the p99 ≤ 0.9975;
+* injected region: max likelihood exactly 1.0 for every type (the range check fires on the spike
+  and on the shift's first reading; the stuck check from the 3rd frozen reading on);
+* is_anomaly in the region: likelihood calibrator spike 5/6, shift 1/6, stuck 48/55;
+  threshold calibrator spike 3–4/6, shift 1–2/6, stuck 48–50/55;
+* negative control, readings after warm-up flagged: likelihood calibrator 7 of 3936 (0.18 %;
+  0–12 across seeds 0–3 and noise 0.05–0.1), threshold calibrator 14 with threshold_window=512 /
+  threshold_every=64 and 63 (1.6 %; 43–66 across seeds/noise) with 128/32.
+
+So the assertions below keep more than a decade of margin in "surprise" −log10(1 − likelihood):
+injected ≥ 9 (in fact ∞), normal max ≤ 6 (measured 4.4), normal p99 ≤ 3 (measured 2.3). Scores
+that were noise (uniform likelihood) would fail the injected bound with probability > 0.9999.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sensorwatch import ReadingBatch, ScorerConfig, StreamScorer
+
+N, PERIOD, DT, NOISE, SEED = 4000, 288, 300.0, 0.07, 0
+ONSET = 3000
+AFTER = 5  # readings after the injection that still count as "the injected region"
+STUCK_LEN = 50
+KINDS = ("spike", "level_shift", "stuck")
+
+INJECTED_MIN = 1 - 1e-9  # injected region: max likelihood at least this
+NORMAL_MAX = 1 - 1e-6  # normal readings: max likelihood below this
+NORMAL_P99 = 0.999  # normal readings: 99th percentile below this
+#: Negative control: most readings (after warm-up) of the anomaly-free series flagged.
+MAX_FALSE_FLAGS = {"likelihood": 20, "threshold": 120}  # measured 7 and 63 of 3936
+
+
+def make_series() -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Timestamps, values per kind (incl. ``none``) and the injected region per kind."""
+    rng = np.random.default_rng(SEED)
+    t = np.arange(N)
+    base = np.sin(2 * np.pi * t / PERIOD) + rng.normal(0.0, NOISE, N)
+    values = {"none": base.copy()}
+    region = {}
+    values["spike"] = base.copy()
+    values["spike"][ONSET] += 1.5
+    region["spike"] = np.arange(ONSET, ONSET + 1 + AFTER)
+    values["level_shift"] = base.copy()
+    values["level_shift"][ONSET:] += 1.0
+    region["level_shift"] = np.arange(ONSET, ONSET + 1 + AFTER)
+    values["level_shift_in_range"] = base.copy()
+    values["level_shift_in_range"][ONSET:] -= 1.0  # from +0.5 to −0.5: inside the range seen so far
+    region["level_shift_in_range"] = np.arange(ONSET, ONSET + 1 + AFTER)
+    values["stuck"] = base.copy()
+    values["stuck"][ONSET : ONSET + STUCK_LEN] = base[ONSET]
+    region["stuck"] = np.arange(ONSET, ONSET + STUCK_LEN + AFTER)
+    return 1_700_000_000.0 + t * DT, values, region
+
+
+@pytest.fixture(scope="module")
+def series() -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    return make_series()
+
+
+@pytest.fixture(scope="module", params=["likelihood", "threshold"])
+def scored(request, series) -> tuple[str, dict[str, dict[str, np.ndarray]]]:
+    """Per kind: likelihood, is_anomaly and warming_up arrays (N,), for one calibrator."""
+    calibrator = request.param
+    ts, values, _ = series
+    kinds = list(values)
+    config = ScorerConfig() if calibrator == "likelihood" else ScorerConfig(calibrator="threshold")
+    scorer = StreamScorer.builtin(config=config)
+    cols: dict[str, dict[str, list[np.ndarray]]] = {k: {"lik": [], "flag": [], "warm": []} for k in kinds}
+    chunk = 500
+    for start in range(0, N, chunk):
+        stop = min(start + chunk, N)
+        n = stop - start
+        # Interleave the devices reading by reading (row r·K + j is device j's r-th reading).
+        ids = kinds * n
+        batch_ts = np.repeat(ts[start:stop], len(kinds))
+        batch_values = np.stack([values[k][start:stop] for k in kinds], axis=1).reshape(-1, 1)
+        res = scorer.step(ReadingBatch(ids, batch_ts, batch_values))
+        assert res.accepted.all()
+        for j, k in enumerate(kinds):
+            cols[k]["lik"].append(res.likelihood[j :: len(kinds)])
+            cols[k]["flag"].append(res.is_anomaly[j :: len(kinds)])
+            cols[k]["warm"].append(res.warming_up[j :: len(kinds)])
+    out = {k: {name: np.concatenate(parts) for name, parts in c.items()} for k, c in cols.items()}
+    return calibrator, out
+
+
+def normal_mask(warm: np.ndarray) -> np.ndarray:
+    mask = ~warm
+    mask[ONSET:] = False
+    return mask
+
+
+IN_RANGE_SHIFT = pytest.param(
+    "level_shift_in_range",
+    marks=pytest.mark.xfail(
+        strict=True,
+        reason="library limitation: a level shift that stays inside the range seen so far only moves the "
+        "10-reading short-term mean by ~0.1, so its likelihood peaks at 0.99896 (< normal max 0.999964); "
+        "the likelihood calibrator flags it 38 readings late, when the shifted sine leaves the range",
+    ),
+)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, IN_RANGE_SHIFT])
+def test_injected_anomaly_stands_out(scored, series, kind: str) -> None:
+    calibrator, out = scored
+    _, _, regions = series
+    lik, flag, warm = out[kind]["lik"], out[kind]["flag"], out[kind]["warm"]
+    region = regions[kind]
+    normal = normal_mask(warm)
+    assert normal.sum() > 2500
+    injected_max = float(lik[region].max())
+    normal_max = float(lik[normal].max())
+    normal_p99 = float(np.quantile(lik[normal], 0.99))
+    context = (
+        f"[{calibrator}] {kind}: injected max {injected_max!r}, normal max {normal_max!r}, "
+        f"normal p99 {normal_p99!r}, flagged in region {int(flag[region].sum())}/{region.size}"
+    )
+    assert injected_max >= INJECTED_MIN, context
+    assert normal_max < NORMAL_MAX, context
+    assert injected_max > normal_max, context
+    assert normal_p99 < NORMAL_P99, context
+    # The decision flags the injected region, and promptly.
+    flagged = np.flatnonzero(flag[region])
+    assert flagged.size > 0, f"{context}: {kind} not flagged"
+    assert flagged[0] <= 2, f"{context}: {kind} flagged late (reading {flagged[0]} of the region)"
+    if kind == "stuck":
+        frozen = np.arange(ONSET + 2, ONSET + STUCK_LEN)  # a run of 2 equal values is the first evidence
+        assert flag[frozen].mean() >= 0.9, f"{context}: stuck sensor flagged only part of the time"
+
+
+def test_negative_control_flags_few_readings(scored) -> None:
+    calibrator, out = scored
+    flag, warm = out["none"]["flag"], out["none"]["warm"]
+    assert not flag[warm].any()  # never during warm-up
+    flagged = int(flag[~warm].sum())
+    assert flagged <= MAX_FALSE_FLAGS[calibrator], (
+        f"[{calibrator}] {flagged} false alarms in {int((~warm).sum())}"
+    )
+
+
+def test_series_before_the_injection_are_scored_identically(scored) -> None:
+    """All devices see the same data before the injection, so they score the same (a sanity check
+    that the four devices of one batch do not interfere)."""
+    _, out = scored
+    for kind in [*KINDS, "level_shift_in_range"]:
+        np.testing.assert_array_equal(out[kind]["lik"][:ONSET], out["none"]["lik"][:ONSET])
+        np.testing.assert_array_equal(out[kind]["flag"][:ONSET], out["none"]["flag"][:ONSET])
