@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +30,40 @@ from sensorwatch.scoring.scorer import StreamScorer
 DEFAULT_DEVICES = (1, 100, 10_000, 100_000)
 
 
+def _timed(work: Callable[[int], int], trials: int, min_s: float, min_calls: int) -> tuple[float, float]:
+    """Median over ``trials`` of (units/s, ms per call); ``work(i)`` does call i and returns its units.
+
+    Each trial runs until it has lasted ``min_s`` and made ``min_calls`` calls.
+    """
+    rates, call_ms, i = [], [], 0
+    for _ in range(trials):
+        calls = units = 0
+        t0 = time.perf_counter()
+        while True:
+            units += work(i)
+            i += 1
+            calls += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_s and calls >= min_calls:
+                break
+        rates.append(units / elapsed)
+        call_ms.append(1e3 * elapsed / calls)
+    return statistics.median(rates), statistics.median(call_ms)
+
+
 def _batched(model: Forecaster, version: str, n: int, trials: int, min_s: float) -> tuple[float, float]:
     scorer = StreamScorer(model, ScorerConfig(max_devices=max(n, 1)), model_version=version)
     ids = [f"dev-{i:06d}" for i in range(n)]
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal((n, model.config.channels))
-    ts = 1.7e9
-    for _ in range(3):  # allocate rows, get past first-reading paths
-        ts += 60
-        scorer.step(ReadingBatch(ids, np.full(n, ts), values))
-    rates, step_ms = [], []
-    for _ in range(trials):
-        steps, t0 = 0, time.perf_counter()
-        while True:
-            ts += 60
-            scorer.step(ReadingBatch(ids, np.full(n, ts), values + 0.01 * steps))
-            steps += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_s and steps >= 3:
-                break
-        rates.append(n * steps / elapsed)
-        step_ms.append(1e3 * elapsed / steps)
-    return statistics.median(rates), statistics.median(step_ms)
+    values = np.random.default_rng(0).standard_normal((n, model.config.channels))
+    t_base = 1.7e9
+    for k in range(3):  # allocate rows, get past first-reading paths
+        scorer.step(ReadingBatch(ids, np.full(n, t_base + 60 * k), values))
+
+    def work(i: int) -> int:
+        scorer.step(ReadingBatch(ids, np.full(n, t_base + 60 * (i + 3)), values + 0.01 * (i % 11)))
+        return n
+
+    return _timed(work, trials, min_s, 3)
 
 
 def _naive_forward(model: Forecaster, n: int, trials: int, min_s: float) -> float:
@@ -58,38 +71,27 @@ def _naive_forward(model: Forecaster, n: int, trials: int, min_s: float) -> floa
     states = {f"dev-{i:06d}": model.initial_state(1) for i in range(min(n, 10_000))}
     ids = list(states)
     feats = torch.zeros(1, 2 * c + 1)
-    rates = []
+
+    def work(i: int) -> int:
+        d = ids[i % len(ids)]
+        feats[0, 0] = float(i % 7)
+        _, _, states[d] = model.step(feats, states[d])
+        return 1
+
     with torch.inference_mode():
-        for _ in range(trials):
-            count, t0 = 0, time.perf_counter()
-            while True:
-                d = ids[count % len(ids)]
-                feats[0, 0] = float(count % 7)
-                _, _, states[d] = model.step(feats, states[d])
-                count += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed >= min_s and count >= 10:
-                    break
-            rates.append(count / elapsed)
-    return statistics.median(rates)
+        return _timed(work, trials, min_s, 10)[0]
 
 
 def _naive_step(model: Forecaster, version: str, n: int, trials: int, min_s: float) -> float:
     scorer = StreamScorer(model, ScorerConfig(max_devices=max(n, 1)), model_version=version)
     ids = [f"dev-{i:06d}" for i in range(min(n, 2_000))]
     vals = np.zeros((1, model.config.channels))
-    rates, count = [], 0
-    for _ in range(trials):
-        done, t0 = 0, time.perf_counter()
-        while True:
-            scorer.step(ReadingBatch([ids[count % len(ids)]], np.array([1e9 + count]), vals + count % 7))
-            count += 1
-            done += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_s and done >= 10:
-                break
-        rates.append(done / elapsed)
-    return statistics.median(rates)
+
+    def work(i: int) -> int:
+        scorer.step(ReadingBatch([ids[i % len(ids)]], np.array([1e9 + i]), vals + i % 7))
+        return 1
+
+    return _timed(work, trials, min_s, 10)[0]
 
 
 def run(

@@ -154,12 +154,8 @@ class StreamScorer:
 
         distinct = list(dict.fromkeys(batch.device_ids))
         if "" in distinct or None in distinct:
-            self._reject(
-                result,
-                ok,
-                np.isin(np.array(batch.device_ids, dtype=object), ["", None]),
-                RejectReason.BAD_DEVICE_ID,
-            )
+            bad = np.array([d is None or d == "" for d in batch.device_ids])  # rare path
+            self._reject(result, ok, bad, RejectReason.BAD_DEVICE_ID)
         if len(distinct) == n:
             inv = np.arange(n)
         else:
