@@ -53,6 +53,7 @@ def core_columns(model: Forecaster) -> dict[str, ColumnSpec]:
         "count": ColumnSpec((), F64),
         "since_reset": ColumnSpec((), F64),
         "has_pred": ColumnSpec((), torch.bool),
+        "last_likelihood": ColumnSpec((), F64, math.nan),
         "pred_mean": ColumnSpec((c,), F64),
         "pred_scale": ColumnSpec((c,), F64, 1.0),
     }
@@ -130,6 +131,54 @@ class StreamScorer:
     def reset(self, device_id: str) -> bool:
         """Forget a device's state (its next reading starts fresh). True if it was known."""
         return self.store.reset(device_id)
+
+    def device_info(self, device_id: str) -> dict[str, Any] | None:
+        """What the scorer knows of one device (None if it has no state)."""
+        row = self.store.row_of(device_id)
+        if row is None:
+            return None
+        col = self.store.columns
+        lik = float(col["last_likelihood"][row])
+        since = int(col["since_reset"][row])
+        return {
+            "device_id": device_id,
+            "count": int(col["count"][row]),
+            "last_ts": float(col["last_ts"][row]),
+            "warming_up": since <= self.config.warmup,
+            "readings_since_reset": since,
+            "last_likelihood": lik if math.isfinite(lik) else None,
+            "model_version": self.model_version,
+        }
+
+    def fork(self, device_ids: Sequence[str]) -> StreamScorer:
+        """A scratch scorer with the same model and config holding copies of these devices' state.
+
+        Stepping the fork never touches this scorer (dry runs).
+        """
+        other = StreamScorer(self.model, self.config, model_version=self.model_version, device=self.device)
+        known = [d for d in dict.fromkeys(device_ids) if d in self.store]
+        if known:
+            src = torch.from_numpy(self.store.lookup(known)).to(self.device)
+            dst = torch.from_numpy(other.store.rows_for(known)).to(self.device)
+            for name, t in self.store.columns.items():
+                other.store.columns[name][dst] = t[src]
+        return other
+
+    def swap_model(self, model: Forecaster, model_version: str) -> bool:
+        """Serve ``model`` from the next step on. Device state is kept when the architecture matches
+        (returns True); otherwise every device starts afresh with warm-up (returns False)."""
+        model = model.to(self.device).eval()
+        if model.config.identity() == self.model.config.identity():
+            self.model, self.model_version = model, model_version
+            return True
+        fresh = StreamScorer(
+            model, self.config, model_version=model_version, device=self.device, clock=self.store.clock
+        )
+        evictions = self.store.evictions
+        self.model, self.model_version, self.store = fresh.model, model_version, fresh.store
+        self._gathered = fresh._gathered
+        self.store.evictions = evictions
+        return False
 
     def snapshot(self, path: str) -> None:
         self.store.snapshot(path, extra={"model_version": self.model_version})
@@ -271,6 +320,7 @@ class StreamScorer:
             "last_ts": ts,
             "count": g["count"] + 1,
             "since_reset": since,
+            "last_likelihood": torch.where(has_pred, co.likelihood, g["last_likelihood"]),
             "has_pred": torch.ones_like(has_pred),
             "pred_mean": mean_n.to(F64) * scale + centre,
             "pred_scale": scale_n.to(F64) * scale,

@@ -1,0 +1,223 @@
+"""FastAPI app: thin routes over :class:`~service.runtime.Service` (the lifespan owns it)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+
+from sensorwatch.artifacts import ArtifactError, list_models
+from sensorwatch.scoring.batch import Reading, StepResult
+from service.metrics import Metrics
+from service.payloads import result_records
+from service.pipeline import QueueFull, Work
+from service.runtime import Service
+from service.schemas import DeviceInfo, ReloadRequest, ScoreRequest, ScoreResponse
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("sensorwatch.service")
+
+#: How long a REST request waits for room in a full intake queue before a 503.
+SUBMIT_TIMEOUT_S = 2.0
+#: How long a REST request waits for its results.
+RESULT_TIMEOUT_S = 30.0
+
+
+def get_service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    return svc
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI:
+    """The app; refuses (``SettingsError``) to exist without an admin token unless told it may."""
+    if settings.admin_token is None and not insecure_no_auth:
+        raise SettingsError(
+            "invalid setting SENSORWATCH_ADMIN_TOKEN: required for the admin endpoints "
+            "(or start with --insecure-no-auth)"
+        )
+
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = Service(settings, metrics)
+        app.state.service = service
+        service.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, service.stop)
+
+    app = FastAPI(
+        title="sensorwatch",
+        version="0.1.0",
+        description="Real-time sensor anomaly detection: per-device streaming recurrent state.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.mount("/metrics", make_asgi_app(registry=metrics.registry))
+
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        token = settings.admin_token
+        if token is None:
+            return  # --insecure-no-auth
+        given = authorization.removeprefix("Bearer ").strip() if authorization else ""
+        if not (authorization and authorization.startswith("Bearer ")) or not hmac.compare_digest(
+            given.encode(), token.get_secret_value().encode()
+        ):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "admin token required", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    Admin = Depends(require_admin)
+
+    @app.post("/v1/score", response_model=ScoreResponse, tags=["scoring"])
+    async def score(
+        body: ScoreRequest,
+        svc: ServiceDep,
+        dry_run: Annotated[bool, Query(description="Score against a copy; state does not advance.")] = False,
+    ) -> ScoreResponse:
+        """Score readings through the same path as MQTT: one result or rejection per reading, in order."""
+        readings = [Reading(g.device_id, r.ts, r.values) for g in body.groups() for r in g.readings]
+        if len(readings) > settings.max_request_readings:
+            raise HTTPException(
+                413,
+                f"{len(readings)} readings > max_request_readings {settings.max_request_readings}",
+            )
+        loop = asyncio.get_running_loop()
+        if dry_run:
+            preview = await loop.run_in_executor(None, svc.engine.dry_run, readings)
+            return ScoreResponse(results=result_records(preview, 0, len(readings)), dry_run=True)
+        done: asyncio.Future[tuple[StepResult | None, int, int]] = loop.create_future()
+
+        def finish(result: StepResult | None, start: int, stop: int) -> None:
+            loop.call_soon_threadsafe(_set, done, (result, start, stop))
+
+        try:
+            await loop.run_in_executor(
+                None, svc.submit_rest, Work(readings, "rest", finish), SUBMIT_TIMEOUT_S
+            )
+        except QueueFull as exc:
+            svc.metrics.readings.labels("rest", "rejected").inc(len(readings))
+            svc.metrics.rejections.labels("queue_full").inc(len(readings))
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "1"}
+            ) from None
+        outcome: tuple[StepResult | None, int, int] = await asyncio.wait_for(done, RESULT_TIMEOUT_S)
+        result, start, stop = outcome
+        if result is None:
+            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "scoring failed; nothing was scored")
+        return ScoreResponse(results=result_records(result, start, stop))
+
+    @app.get("/v1/devices/{device_id}", response_model=DeviceInfo, tags=["devices"])
+    def device(device_id: str, svc: ServiceDep) -> dict[str, Any]:
+        """What the scorer knows of a device: readings, last timestamp, warm-up, recent likelihood."""
+        with svc.engine.lock:
+            info = svc.engine.scorer.device_info(device_id)
+        if info is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no state for device {device_id!r}")
+        return info
+
+    @app.delete("/v1/devices/{device_id}", status_code=204, dependencies=[Admin], tags=["devices"])
+    def reset_device(device_id: str, svc: ServiceDep) -> Response:
+        """Forget a device's state (admin): its next reading starts fresh with warm-up."""
+        with svc.engine.lock:
+            known = svc.engine.scorer.reset(device_id)
+        if not known:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no state for device {device_id!r}")
+        return Response(status_code=204)
+
+    @app.get("/v1/models", tags=["models"])
+    def models(svc: ServiceDep) -> dict[str, Any]:
+        """The active model (name, version, cell, channels, sha256) and the artifacts available."""
+        return {"active": svc.engine.describe(), "available": list_models(settings.models_dir)}
+
+    @app.post("/v1/models/reload", dependencies=[Admin], tags=["models"])
+    async def reload(body: ReloadRequest, svc: ServiceDep) -> dict[str, Any]:
+        """Validate an artifact and swap it in between batches (admin). Device state is kept when the
+        architecture matches, else reset with warm-up. A bad artifact is refused; the old model serves on."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, svc.engine.reload, body.model)
+        except ArtifactError as exc:
+            raise HTTPException(422, f"model not loaded: {exc}") from None
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz(svc: ServiceDep) -> JSONResponse:
+        """Model loaded and MQTT connected (503 otherwise)."""
+        h = svc.health()
+        return JSONResponse(h, status_code=200 if h["ready"] else 503)
+
+    return app
+
+
+def _set(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413 — by Content-Length, or while streaming."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _too_large(send, self.max_bytes)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.max_bytes)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = f'{{"detail":"request body over {limit} bytes"}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,54 @@
+"""The ``sensorwatch`` console command: the library's commands plus the ones that need the network
+(``serve``). The library's own CLI (:mod:`sensorwatch.cli`) never opens a socket."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sensorwatch import cli as lib_cli
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+        app = create_app(settings, insecure_no_auth=args.insecure_no_auth)
+    except SettingsError as exc:
+        print(f"sensorwatch: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn turns SIGTERM/SIGINT into a lifespan shutdown: Service.stop drains and snapshots.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = lib_cli.build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    s = sub.add_parser("serve", help="run the service (MQTT ingestion, REST, metrics)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--config", help="TOML file with settings (environment variables win)")
+    s.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow starting without SENSORWATCH_ADMIN_TOKEN (admin endpoints open!)",
+    )
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Prometheus metrics of the service — one registry per service instance, never a device id label."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+LIKELIHOOD_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0)
+
+SOURCES = ("mqtt", "rest")
+OUTCOMES = ("scored", "rejected")
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram that takes a whole batch of observations in one vectorised call
+    (prometheus_client's Histogram takes one value per Python call; a 4,096-reading batch would pay
+    for 4,096 calls)."""
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name, self.doc = name, doc
+        self.bounds = np.array(sorted(buckets), dtype=np.float64)
+        self._counts = np.zeros(self.bounds.size + 1, dtype=np.int64)  # last = +Inf overflow
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.array([value], dtype=np.float64))
+
+    def observe_many(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return
+        idx = np.searchsorted(self.bounds, values, side="left")  # le semantics: value <= bound
+        counts = np.bincount(idx, minlength=self.bounds.size + 1)
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        buckets = [(_fmt(b), float(c)) for b, c in zip(self.bounds.tolist(), cumulative, strict=False)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        yield HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=total)
+
+
+def _fmt(b: float) -> str:
+    return repr(float(b))
+
+
+class Metrics:
+    """All sensorwatch_* series (names and labels are part of the ops contract: dashboards, alerts)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.readings = Counter(
+            "sensorwatch_readings",
+            "Readings that got an outcome, by door and outcome.",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "sensorwatch_rejections", "Rejected readings (or messages) by reason.", ["reason"], registry=r
+        )
+        self.anomalies = Counter("sensorwatch_anomalies", "Readings flagged as anomalies.", registry=r)
+        self.latency = BulkHistogram(
+            "sensorwatch_score_latency_seconds", "Intake to scored, per reading.", LATENCY_BUCKETS, r
+        )
+        self.batch_size = BulkHistogram(
+            "sensorwatch_batch_size", "Readings per scorer step.", BATCH_BUCKETS, r
+        )
+        self.queue_depth = Gauge("sensorwatch_queue_depth", "Readings waiting to be scored.", registry=r)
+        self.active_devices = Gauge("sensorwatch_active_devices", "Devices with state in memory.", registry=r)
+        self.evictions = Counter(
+            "sensorwatch_device_evictions", "Devices evicted from memory (LRU or idle TTL).", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "sensorwatch_mqtt_connected", "1 while connected to the broker.", registry=r
+        )
+        self.mqtt_reconnects = Counter(
+            "sensorwatch_mqtt_reconnects", "Connections re-established after a loss.", registry=r
+        )
+        self.model_info = Gauge(
+            "sensorwatch_model_info", "The model being served (value 1).", ["name", "version"], registry=r
+        )
+        self.model_reloads = Counter(
+            "sensorwatch_model_reloads", "Model reload attempts by outcome.", ["outcome"], registry=r
+        )
+        self.likelihood = BulkHistogram(
+            "sensorwatch_likelihood", "Anomaly likelihood of scored readings.", LIKELIHOOD_BUCKETS, r
+        )
+        self.gap_resets = Counter(
+            "sensorwatch_gap_resets", "Hidden-state resets after a gap longer than max_gap_s.", registry=r
+        )
+        self.snapshots = Counter("sensorwatch_state_snapshots", "State snapshots written.", registry=r)
+        # Make every labelled series exist from the start (dashboards and alerts see zeros, not gaps).
+        for s in SOURCES:
+            for o in OUTCOMES:
+                self.readings.labels(s, o)
+        for outcome in ("success", "failure"):
+            self.model_reloads.labels(outcome)
+        self.mqtt_connected.set(0)
+
+    def set_model(self, name: str, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name, version).set(1)

@@ -1,0 +1,137 @@
+"""REST request/response models (with the OpenAPI examples users see in /docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.payloads import DEVICE_ID
+
+DEVICE_FIELD = Field(pattern=DEVICE_ID.pattern, examples=["pump-7"], description="Device id.")
+
+
+class ReadingIn(BaseModel):
+    """One reading. Malformed *values or timestamps* are per-reading rejections, not request errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    ts: Any = Field(
+        description="Unix seconds or RFC 3339 with offset.", examples=[1767225600, "2026-01-01T00:00:00Z"]
+    )
+    values: Any = Field(
+        description="A list (by position) or an object (by channel name); null = missing.",
+        examples=[[21.5], {"ch0": 21.5}],
+    )
+
+
+class DeviceReadings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: str = DEVICE_FIELD
+    readings: list[ReadingIn] = Field(min_length=1)
+
+
+class ScoreRequest(BaseModel):
+    """Either one device (``device_id`` + ``readings``) or several (``batch``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"device_id": "pump-7", "readings": [{"ts": 1767225600, "values": [21.5]}]},
+                {
+                    "batch": [
+                        {
+                            "device_id": "pump-7",
+                            "readings": [{"ts": "2026-01-01T00:00:00Z", "values": [21.5]}],
+                        },
+                        {"device_id": "pump-8", "readings": [{"ts": 1767225600, "values": {"ch0": 19.0}}]},
+                    ]
+                },
+            ]
+        },
+    )
+    device_id: str | None = Field(None, pattern=DEVICE_ID.pattern)
+    readings: list[ReadingIn] | None = None
+    batch: list[DeviceReadings] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ScoreRequest:
+        single = self.device_id is not None or self.readings is not None
+        if single == (self.batch is not None):
+            raise ValueError("give either device_id + readings, or batch")
+        if single and (self.device_id is None or not self.readings):
+            raise ValueError("device_id and a non-empty readings list go together")
+        return self
+
+    def groups(self) -> list[DeviceReadings]:
+        if self.batch is not None:
+            return self.batch
+        assert self.device_id is not None
+        assert self.readings is not None
+        return [DeviceReadings(device_id=self.device_id, readings=self.readings)]
+
+
+RESULT_EXAMPLE: dict[str, Any] = {
+    "device_id": "pump-7",
+    "ts": 1767225600.0,
+    "accepted": True,
+    "predicted": {"ch0": 21.4},
+    "z": {"ch0": 0.31},
+    "raw_score": 0.012,
+    "smoothed_score": 0.02,
+    "threshold": 0.9999,
+    "likelihood": 0.41,
+    "is_anomaly": False,
+    "attribution": {"ch0": 1.0},
+    "warming_up": False,
+    "gap_reset": False,
+    "imputed": [],
+    "model_version": "univariate/1",
+}
+REJECTION_EXAMPLE: dict[str, Any] = {
+    "device_id": "pump-7",
+    "ts": 1767225500.0,
+    "accepted": False,
+    "reason": "out_of_order",
+    "detail": "ts is before the device's last reading",
+}
+
+
+class ScoreResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"results": [RESULT_EXAMPLE, REJECTION_EXAMPLE]}]}
+    )
+    results: list[dict[str, Any]] = Field(
+        description="One result or rejection per reading, in request order."
+    )
+    dry_run: bool = False
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "univariate/2"}]})
+    model: str = Field(description="NAME or NAME/VERSION under the models directory.")
+
+
+class DeviceInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "device_id": "pump-7",
+                    "count": 1234,
+                    "last_ts": 1767225600.0,
+                    "warming_up": False,
+                    "readings_since_reset": 1234,
+                    "last_likelihood": 0.41,
+                    "model_version": "univariate/1",
+                }
+            ]
+        }
+    )
+    device_id: str
+    count: int
+    last_ts: float
+    warming_up: bool
+    readings_since_reset: int
+    last_likelihood: float | None
+    model_version: str

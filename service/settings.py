@@ -1,0 +1,164 @@
+"""Service settings: environment (``SENSORWATCH_*``), an optional TOML file, then defaults.
+
+An invalid value refuses to start with one line naming the setting (:func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from sensorwatch.scoring.config import CalibratorName
+
+_TOML_FILE: Path | None = None
+
+
+class Settings(BaseSettings):
+    """Every setting of the service (env var = ``SENSORWATCH_`` + the upper-case name)."""
+
+    model_config = SettingsConfigDict(env_prefix="SENSORWATCH_", extra="forbid", frozen=True)
+
+    # --- MQTT ---------------------------------------------------------------------------------------
+    mqtt_url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="Broker URL: mqtt://host:port or mqtts://host:port (TLS); user:password@ allowed. "
+        "Empty: no MQTT (REST only).",
+    )
+    mqtt_username: str | None = Field(None, description="Broker user (overrides the URL's).")
+    mqtt_password: SecretStr | None = Field(None, description="Broker password (overrides the URL's).")
+    mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: system CAs).")
+    mqtt_cert_file: Path | None = Field(None, description="Client certificate for mqtts:// (mutual TLS).")
+    mqtt_key_file: Path | None = Field(None, description="Client key for mqtts://.")
+    mqtt_client_id: str = Field("sensorwatch", description="Stable client id: the persistent session's key.")
+    mqtt_protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
+    mqtt_session_expiry_s: int = Field(
+        86_400,
+        ge=0,
+        description="How long the broker keeps the session (and queued QoS1 readings) while "
+        "the service is away (MQTT 5; 3.1.1 keeps it until a clean session).",
+    )
+    mqtt_keepalive_s: int = Field(30, ge=5, description="MQTT keepalive.")
+    topic_readings: str = Field(
+        "sensors/+/readings", description="Subscription; the single '+' segment is the device id."
+    )
+    topic_prefix: str = Field(
+        "sensorwatch",
+        description="Outputs: PREFIX/anomalies/ID, PREFIX/scores/ID, PREFIX/deadletter, PREFIX/status.",
+    )
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of the subscription and of published events.")
+    publish_scores: bool = Field(False, description="Publish every result on PREFIX/scores/ID.")
+    # --- model and state ----------------------------------------------------------------------------
+    model: str = Field(
+        "univariate",
+        description="Model NAME[/VERSION] under MODELS_DIR (built-in fallback when the default is absent).",
+    )
+    models_dir: Path = Field(
+        Path("models"), description="Where model artifacts are loaded from (only there)."
+    )
+    state_dir: Path | None = Field(
+        Path("state"), description="Device state snapshots (restored on start, written on stop); empty: none."
+    )
+    snapshot_interval_s: float = Field(300.0, ge=0, description="Periodic state snapshot; 0: only on stop.")
+    calibrator: CalibratorName = Field("likelihood", description="Decision rule (see ScorerConfig).")
+    # --- security and limits ------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for admin endpoints; required unless --insecure-no-auth."
+    )
+    max_batch: int = Field(4096, ge=1, le=1_000_000, description="Readings per scorer step.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="Longest a reading waits for its batch.")
+    max_queue: int = Field(100_000, ge=1, description="Readings waiting to be scored (backpressure beyond).")
+    max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")
+    device_ttl_s: float | None = Field(None, gt=0, description="Evict devices idle this long; empty: never.")
+    max_payload_bytes: int = Field(65_536, ge=64, description="Largest MQTT payload accepted.")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest REST request body accepted.")
+    max_request_readings: int = Field(
+        10_000, ge=1, description="Most readings in one REST request or message."
+    )
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and urlsplit(v).scheme not in ("mqtt", "mqtts"):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        if v and not urlsplit(v).hostname:
+            raise ValueError("needs a host")
+        return v
+
+    @field_validator("topic_readings")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if v.split("/").count("+") != 1 or "#" in v:
+            raise ValueError("needs exactly one '+' segment (the device id) and no '#'")
+        return v
+
+    @field_validator("mqtt_client_id")
+    @classmethod
+    def _client_id(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v):
+            raise ValueError("1-64 characters of letters, digits, . _ -")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
+            raise ValueError("mqtt_cert_file and mqtt_key_file go together")
+        return self
+
+    # --- derived ------------------------------------------------------------------------------------
+    def broker(self) -> dict[str, Any]:
+        """Host, port, tls, username, password from the URL and the separate settings."""
+        u = urlsplit(self.mqtt_url)
+        tls = u.scheme == "mqtts"
+        password = self.mqtt_password.get_secret_value() if self.mqtt_password else None
+        return {
+            "host": u.hostname,
+            "port": u.port or (8883 if tls else 1883),
+            "tls": tls,
+            "username": self.mqtt_username or (unquote(u.username) if u.username else None),
+            "password": password or (unquote(u.password) if u.password else None),
+        }
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _TOML_FILE is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE))
+        return tuple(sources)
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message is one line naming the setting."""
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from overrides > environment > TOML file > defaults, or a one-line :class:`SettingsError`."""
+    global _TOML_FILE
+    if config_file is not None and not Path(config_file).is_file():
+        raise SettingsError(f"config file {config_file}: not found")
+    _TOML_FILE = Path(config_file) if config_file is not None else None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "settings"
+        name = f"SENSORWATCH_{loc.upper()}" if err["loc"] else "settings"
+        raise SettingsError(f"invalid setting {name}: {err['msg']}") from None
+    finally:
+        _TOML_FILE = None
