@@ -174,6 +174,10 @@ def calibrate(
     short = ring.sum(1) / torch.clamp(n + 1, max=s)
     sd = torch.sqrt(rows["lt_var"]).clamp_min(cfg.likelihood_std_floor)
     likelihood = torch.where(n >= 2, 0.5 * torch.erfc(-(short - rows["lt_mean"]) / (sd * SQRT2)), 0.5)
+    if cfg.point_likelihood:
+        # Invert raw = 1 − exp(−(z/c)²/2) for the equivalent |z|; its two-sided Gaussian tail.
+        z_eq = cfg.score_c * torch.sqrt(-2.0 * torch.log1p(-raw.clamp(max=1.0)))
+        likelihood = torch.maximum(likelihood, torch.erf(z_eq / SQRT2))
     alpha = 1.0 / torch.clamp(n + 1, max=cfg.likelihood_long)
     delta = short - rows["lt_mean"]
     lt_mean = rows["lt_mean"] + alpha * delta

@@ -82,6 +82,11 @@ class ScorerConfig(BaseModel):
         description="After warm-up, a value outside the range seen so far by more than this fraction of "
         "the range gets likelihood 1 (and is an anomaly); None disables the range check.",
     )
+    point_likelihood: bool = Field(
+        True,
+        description="Also give each reading the likelihood of its own residual, 1 − P(|Z| ≥ z_eq) under the "
+        "recalibrated Gaussian: an isolated spike barely moves a 10-reading mean, this catches it.",
+    )
     range_warmup: int = Field(
         300, ge=0, description="Readings a device must have before the range check is armed."
     )

@@ -7,10 +7,8 @@ A daily-ish seasonal series (sine of period 288 readings, amplitude 1, Gaussian 
 * ``level_shift``: +1.0 from reading 3000 on;
 * ``stuck``: the value frozen for 50 readings (3000…3049);
 * ``level_shift_in_range``: −1.0 from reading 3000 on, where the sine is at +0.5, so the shifted
-  values stay inside the range seen so far for 38 readings. Not detected promptly by the library
-  (strict xfail, see below): the likelihood in its region peaks at 0.998963, below the normal
-  max; the likelihood calibrator first flags it at reading 3038 (range check), the threshold
-  calibrator at 3000.
+  values stay inside the range seen so far for 38 readings: neither the range check nor the
+  10-reading short-term likelihood catches it promptly; the per-reading point likelihood does.
 
 All series share the same noise draw, so the series without an anomaly is the exact negative
 control of each. The four series are scored as four devices of one scorer (one batched step per
@@ -116,18 +114,7 @@ def normal_mask(warm: np.ndarray) -> np.ndarray:
     return mask
 
 
-IN_RANGE_SHIFT = pytest.param(
-    "level_shift_in_range",
-    marks=pytest.mark.xfail(
-        strict=True,
-        reason="library limitation: a level shift that stays inside the range seen so far only moves the "
-        "10-reading short-term mean by ~0.1, so its likelihood peaks at 0.99896 (< normal max 0.999964); "
-        "the likelihood calibrator flags it 38 readings late, when the shifted sine leaves the range",
-    ),
-)
-
-
-@pytest.mark.parametrize("kind", [*KINDS, IN_RANGE_SHIFT])
+@pytest.mark.parametrize("kind", [*KINDS, "level_shift_in_range"])
 def test_injected_anomaly_stands_out(scored, series, kind: str) -> None:
     calibrator, out = scored
     _, _, regions = series

@@ -1,0 +1,117 @@
+"""A synthetic sensor fleet with labelled injected anomalies (pure generation, no I/O).
+
+Each device has a level, a daily cycle, a slow trend, noise, occasional regime changes (the "new
+normal" — not labelled), irregular sampling and dropouts (a channel missing now and then). Anomalies
+are injected at random with a label per reading: ``spike``, ``level_shift``, ``drift``, ``stuck``,
+``noise_burst`` and — with two or more channels — ``broken_correlation`` (channels normally move
+together; one stops following).
+
+>>> from sensorwatch.simulate import Fleet
+>>> fleet = Fleet(devices=3, channels=2, seed=1)
+>>> ids, ts, values, labels = fleet.step()
+>>> len(ids), values.shape, labels[0] in ("", *Fleet.KINDS)
+(3, (3, 2), True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAY_S = 86_400.0
+
+
+class Fleet:
+    """``step()`` advances every device by one reading (vectorised over devices)."""
+
+    KINDS = ("spike", "level_shift", "drift", "stuck", "noise_burst", "broken_correlation")
+
+    def __init__(
+        self,
+        devices: int = 100,
+        channels: int = 1,
+        *,
+        seed: int = 0,
+        interval_s: float = 300.0,
+        anomaly_rate: float = 0.002,
+        dropout_rate: float = 0.01,
+        start_ts: float = 1_767_225_600.0,
+        prefix: str = "sim",
+    ) -> None:
+        self.n, self.c = devices, channels
+        self.rng = np.random.default_rng(seed)
+        self.interval = interval_s
+        self.anomaly_rate = anomaly_rate
+        self.dropout_rate = dropout_rate
+        self.ids = [f"{prefix}-{i:05d}" for i in range(devices)]
+        r = self.rng
+        self.level = r.uniform(10, 100, (devices, 1)) * r.uniform(0.8, 1.2, (devices, channels))
+        self.amp = self.level * r.uniform(0.05, 0.3, (devices, 1))
+        self.phase = r.uniform(0, 2 * np.pi, (devices, 1))
+        self.noise = self.level * r.uniform(0.005, 0.03, (devices, channels))
+        self.trend = self.level * r.normal(0, 2e-6, (devices, channels))
+        self.mix = r.uniform(0.5, 1.0, (devices, channels))  # how strongly a channel follows the shared cycle
+        self.ts = np.full(devices, start_ts) + r.uniform(0, interval_s, devices)
+        self.k = 0
+        self.offset = np.zeros((devices, channels))
+        # Active anomaly per device: kind index (-1 none), readings left, parameters.
+        self.kind = np.full(devices, -1)
+        self.left = np.zeros(devices, dtype=np.int64)
+        self.mag = np.zeros(devices)
+        self.stuck_value = np.zeros((devices, channels))
+        self.channel = np.zeros(devices, dtype=np.int64)
+        self.age = np.zeros(devices, dtype=np.int64)
+
+    def step(self) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+        """One reading per device: (device ids, unix ts, values (N, C) with NaN = missing, labels)."""
+        r, n, c = self.rng, self.n, self.c
+        self.k += 1
+        jitter = r.uniform(0.8, 1.2, n)
+        self.ts = self.ts + self.interval * jitter
+        day = 2 * np.pi * (self.ts[:, None] % DAY_S) / DAY_S
+        shared = np.sin(day + self.phase)
+        own = r.standard_normal((n, c)) * self.noise
+        # Regime changes: rare, permanent level moves — the new normal, not an anomaly.
+        regime = r.random(n) < 2e-4
+        self.offset[regime] += self.level[regime] * r.uniform(-0.1, 0.1, (int(regime.sum()), 1))
+        base = self.level + self.offset + self.trend * self.k
+        x = base + self.amp * shared * self.mix + own
+        labels = self._inject(x, base, shared)
+        missing = r.random((n, c)) < self.dropout_rate
+        if c == 1:
+            missing[:] = False  # a univariate reading with nothing in it would just be rejected
+        x[missing] = np.nan
+        return list(self.ids), self.ts.copy(), x, labels
+
+    def _inject(self, x: np.ndarray, base: np.ndarray, shared: np.ndarray) -> list[str]:
+        r, n = self.rng, self.n
+        start = (self.kind < 0) & (r.random(n) < self.anomaly_rate) & (self.k > 400)
+        kinds = self.KINDS if self.c > 1 else self.KINDS[:-1]
+        for i in np.flatnonzero(start):
+            self.kind[i] = r.integers(len(kinds))
+            self.left[i] = {0: 1, 1: 60, 2: 120, 3: 40, 4: 20, 5: 60}[int(self.kind[i])]
+            self.mag[i] = r.choice([-1, 1]) * r.uniform(6, 12)
+            self.channel[i] = r.integers(self.c)
+            self.stuck_value[i] = x[i]
+            self.age[i] = 0
+        labels = [""] * n
+        for i in np.flatnonzero(self.kind >= 0):
+            k, ch = int(self.kind[i]), int(self.channel[i])
+            sigma = self.noise[i, ch] + 1e-9
+            self.age[i] += 1
+            if k == 0:
+                x[i, ch] += self.mag[i] * max(sigma, 0.1 * abs(self.amp[i, 0]))
+            elif k == 1:
+                x[i, ch] += 0.5 * self.mag[i] * max(sigma, 0.2 * abs(self.amp[i, 0]))
+            elif k == 2:
+                x[i, ch] += self.mag[i] * sigma * self.age[i] / 10
+            elif k == 3:
+                x[i] = self.stuck_value[i]
+            elif k == 4:
+                x[i, ch] += self.rng.standard_normal() * 8 * sigma
+            else:
+                x[i, ch] = base[i, ch] - self.amp[i, ch] * shared[i, 0] * self.mix[i, ch]
+            labels[i] = kinds[k]
+            self.left[i] -= 1
+            if self.left[i] <= 0:
+                self.kind[i] = -1
+        return labels
