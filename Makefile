@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(BIN)/sensorwatch bench engine --json out/bench-engine.json
 
 run: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

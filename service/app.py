@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
+from starlette.routing import Route
 
 from sensorwatch.artifacts import ArtifactError, list_models
 from sensorwatch.scoring.batch import Reading, StepResult
@@ -65,7 +66,10 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    app.mount("/metrics", make_asgi_app(registry=metrics.registry))
+    # The prometheus_client ASGI app, routed at exactly /metrics (a Mount would redirect to /metrics/).
+    app.router.routes.append(
+        Route("/metrics", endpoint=_AsgiEndpoint(make_asgi_app(registry=metrics.registry)))
+    )
 
     def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
         token = settings.admin_token
@@ -163,6 +167,16 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         return JSONResponse(h, status_code=200 if h["ready"] else 503)
 
     return app
+
+
+class _AsgiEndpoint:
+    """Starlette treats a plain function endpoint as request→response; an object is called as ASGI."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def _set(fut: asyncio.Future[Any], value: Any) -> None:

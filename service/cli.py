@@ -29,6 +29,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from service import simulator
+
+    return simulator.run(
+        args.mqtt_url,
+        devices=args.devices,
+        rate=args.rate,
+        channels=args.channels,
+        duration_s=args.duration,
+        seed=args.seed,
+        anomaly_rate=args.anomaly_rate,
+        labels_out=sys.stdout if args.labels else None,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = lib_cli.build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
@@ -42,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow starting without SENSORWATCH_ADMIN_TOKEN (admin endpoints open!)",
     )
     s.set_defaults(func=_serve)
+
+    m = sub.add_parser("simulate", help="publish a simulated fleet with injected anomalies to MQTT")
+    m.add_argument("--mqtt-url", required=True, help="mqtt://host:port")
+    m.add_argument("--devices", type=int, default=300)
+    m.add_argument("--rate", type=float, default=2.0, help="readings per second per device")
+    m.add_argument("--channels", type=int, default=1)
+    m.add_argument("--duration", type=float, default=None, help="seconds (default: until interrupted)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--anomaly-rate", type=float, default=0.002, help="chance per reading an anomaly starts")
+    m.add_argument("--labels", action="store_true", help="print injected anomaly labels as JSON lines")
+    m.set_defaults(func=_simulate)
     return p
 
 

@@ -180,3 +180,36 @@ class MqttAdapter:
 
     def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self._on_message(InboundMessage(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain)))
+
+
+class MqttPublisher:
+    """A plain publishing client (the simulator / load generator): connect, publish, flush, close."""
+
+    def __init__(self, url: str, client_id: str = "", qos: int = 1) -> None:
+        from urllib.parse import unquote, urlsplit
+
+        u = urlsplit(url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ValueError(f"broker URL must be mqtt://host[:port] or mqtts://…, got {url!r}")
+        self.qos = qos
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if u.username:
+            self.client.username_pw_set(unquote(u.username), unquote(u.password) if u.password else None)
+        if u.scheme == "mqtts":
+            self.client.tls_set()
+        self.client.max_inflight_messages_set(1000)
+        self.client.connect(u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883))
+        self.client.loop_start()
+        self._last: paho.MQTTMessageInfo | None = None
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self._last = self.client.publish(topic, payload, qos=self.qos)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self._last is not None:
+            self._last.wait_for_publish(timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self.client.disconnect()
+        self.client.loop_stop()
