@@ -120,7 +120,7 @@ class Engine:
     # ------------------------------------------------------------------ state
     def snapshot_path(self) -> Path | None:
         d = self.settings.state_dir
-        return None if d is None or str(d) == "" else d / SNAPSHOT_NAME
+        return None if d is None else d / SNAPSHOT_NAME
 
     def snapshot(self) -> Path | None:
         path = self.snapshot_path()

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         10_000, ge=1, description="Most readings in one REST request or message."
     )
 
+    @field_validator(
+        "state_dir", "device_ttl_s", "mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", mode="before"
+    )
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip() == "" else v
+
     @field_validator("mqtt_url")
     @classmethod
     def _url(cls, v: str) -> str:
