@@ -23,8 +23,8 @@ broker:
 	bash scripts/ensure-mosquitto.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check sensorwatch service tests
-	$(BIN)/ruff format --check sensorwatch service tests
+	$(BIN)/ruff check sensorwatch service tests scripts
+	$(BIN)/ruff format --check sensorwatch service tests scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy sensorwatch service

@@ -44,7 +44,9 @@ def start_broker(procs: list[subprocess.Popen[bytes]]) -> str:
         print("broker: reusing the one answering on 127.0.0.1:1883")
         return "mqtt://127.0.0.1:1883"
     port = 1883
-    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    mosquitto = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     if mosquitto:
         print(f"broker: starting Mosquitto on 127.0.0.1:{port}")
         procs.append(subprocess.Popen([mosquitto, "-p", str(port)]))
@@ -54,8 +56,10 @@ def start_broker(procs: list[subprocess.Popen[bytes]]) -> str:
             subprocess.run([str(BIN / "pip"), "install", "-q", "amqtt"], check=True)
         cfg = ROOT / "out" / "amqtt.yaml"
         cfg.parent.mkdir(exist_ok=True)
-        cfg.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\nplugins:\n"
-                       "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
+        cfg.write_text(
+            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\nplugins:\n"
+            "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
+        )
         procs.append(subprocess.Popen([str(BIN / "amqtt"), "-c", str(cfg)]))
     for _ in range(100):
         if answers("127.0.0.1", port):
@@ -76,7 +80,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{PORT}"
         for _ in range(300):
             try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=1) as r:  # noqa: S310 (local URL)
+                with urllib.request.urlopen(f"{base}/readyz", timeout=1) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -85,10 +89,25 @@ def main() -> int:
                 raise SystemExit("the service exited; see its log above")
             time.sleep(0.2)
         devices = os.environ.get("DEMO_DEVICES", "300")
-        procs.append(subprocess.Popen([str(BIN / "sensorwatch"), "simulate", "--mqtt-url", url,
-                                       "--devices", devices, "--rate", "2", "--anomaly-rate", "0.002"]))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "sensorwatch"),
+                    "simulate",
+                    "--mqtt-url",
+                    url,
+                    "--devices",
+                    devices,
+                    "--rate",
+                    "2",
+                    "--anomaly-rate",
+                    "0.002",
+                ]
+            )
+        )
         host = url.split("//")[1].split(":")[0]
-        print(f"""
+        print(
+            f"""
 sensorwatch is running — {devices} simulated devices publish 2 readings/s each (warm-up: ~32 s).
   API docs      {base}/docs
   metrics       {base}/metrics
@@ -96,8 +115,10 @@ sensorwatch is running — {devices} simulated devices publish 2 readings/s each
   anomalies     mosquitto_sub -h {host} -t 'sensorwatch/anomalies/#' -v
   dead letters  mosquitto_sub -h {host} -t 'sensorwatch/deadletter' -v
   admin token   {token}   (e.g. curl -H 'Authorization: Bearer {token}' -X DELETE {base}/v1/devices/sim-00001)
-Ctrl-C stops everything (the service drains, snapshots its state to {env['SENSORWATCH_STATE_DIR']}).
-""", flush=True)
+Ctrl-C stops everything (the service drains, snapshots its state to {env["SENSORWATCH_STATE_DIR"]}).
+""",
+            flush=True,
+        )
         deadline = float(os.environ.get("DEMO_SECONDS", "inf"))
         t0 = time.monotonic()
         while time.monotonic() - t0 < deadline and server.poll() is None:
