@@ -83,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trials", type=int, default=5)
     e.add_argument("--min-seconds", type=float, default=1.0, help="minimum duration of one timed trial")
     e.set_defaults(func=_bench)
+
+    from sensorwatch.training.cli import add_parsers, simulate_files
+
+    add_parsers(sub)
+    m = sub.add_parser(
+        "simulate", help="a simulated fleet with labelled injected anomalies: CSVs (--out) or MQTT"
+    )
+    target = m.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="write one CSV per device plus labels.json here")
+    target.add_argument("--mqtt-url", help="publish to this broker (mqtt://host:port) instead")
+    m.add_argument("--devices", type=int, default=300)
+    m.add_argument("--channels", type=int, default=1)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--anomaly-rate", type=float, default=0.002, help="chance per reading that an anomaly starts"
+    )
+    m.add_argument("--readings", type=int, default=5000, help="--out: readings per device")
+    m.add_argument("--interval", type=float, default=300.0, help="simulated seconds between readings")
+    m.add_argument("--rate", type=float, default=2.0, help="--mqtt-url: readings per second per device")
+    m.add_argument("--duration", type=float, default=None, help="--mqtt-url: seconds (default: until Ctrl-C)")
+    m.add_argument("--labels", action="store_true", help="--mqtt-url: print injected labels as JSON lines")
+    m.set_defaults(func=simulate_files)
     return p
 
 

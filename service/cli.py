@@ -30,8 +30,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from sensorwatch.training.cli import simulate_files
     from service import simulator
 
+    if not args.mqtt_url:
+        return simulate_files(args)
     return simulator.run(
         args.mqtt_url,
         devices=args.devices,
@@ -58,16 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_serve)
 
-    m = sub.add_parser("simulate", help="publish a simulated fleet with injected anomalies to MQTT")
-    m.add_argument("--mqtt-url", required=True, help="mqtt://host:port")
-    m.add_argument("--devices", type=int, default=300)
-    m.add_argument("--rate", type=float, default=2.0, help="readings per second per device")
-    m.add_argument("--channels", type=int, default=1)
-    m.add_argument("--duration", type=float, default=None, help="seconds (default: until interrupted)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--anomaly-rate", type=float, default=0.002, help="chance per reading an anomaly starts")
-    m.add_argument("--labels", action="store_true", help="print injected anomaly labels as JSON lines")
-    m.set_defaults(func=_simulate)
+    # The library's `simulate` writes files; with --mqtt-url it needs the network, so it is served here.
+    sub.choices["simulate"].set_defaults(func=_simulate)
     return p
 
 

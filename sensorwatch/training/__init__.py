@@ -1,0 +1,1 @@
+"""Training: data loading with streaming-identical features, stateful truncated BPTT, checkpoints."""

@@ -1,0 +1,160 @@
+"""``sensorwatch train`` / ``sensorwatch models`` / ``sensorwatch simulate --out`` (files only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sensorwatch.artifacts import list_models, load_model, save_model
+from sensorwatch.model.forecaster import ForecasterConfig
+from sensorwatch.scoring.config import ScorerConfig
+from sensorwatch.training.data import fingerprint, read_series
+from sensorwatch.training.trainer import TrainConfig, Trainer
+
+
+def train_main(args: argparse.Namespace) -> int:
+    if args.device != "cpu" and not torch.cuda.is_available():
+        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
+    paths = [p for pattern in args.data for p in _expand(pattern)]
+    if not paths:
+        print("error: no CSV files matched --data", file=sys.stderr)
+        return 2
+    series = [read_series(p) for p in paths]
+    channels = series[0].channels
+    if any(s.channels != channels for s in series):
+        print("error: every CSV must have the same channel columns", file=sys.stderr)
+        return 2
+    arch = ForecasterConfig(
+        cell=args.cell,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        channels=len(channels),
+        channel_names=tuple(channels),
+    )
+    tcfg = TrainConfig(
+        epochs=args.epochs,
+        bptt=args.bptt,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+    )
+    torch.use_deterministic_algorithms(True)
+    out = Path(args.out)
+    trainer = Trainer(arch, ScorerConfig(), tcfg, checkpoint_dir=out / ".checkpoint")
+    result = trainer.fit(series, resume=args.resume)
+    version = args.version or _next_version(out)
+    card_extra = {
+        "training": {
+            "files": len(series),
+            "readings": int(sum(len(s.ts) for s in series)),
+            "data_sha256": fingerprint(series),
+            "config": tcfg.__dict__,
+            "history": result.history,
+        },
+        "validation": {"nll": result.best_val, "best_epoch": result.best_epoch},
+        "command": "sensorwatch " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if len(sys.argv) > 1
+        else "",
+    }
+    path = save_model(result.model, out.parent, out.name, version, **card_extra)
+    card = json.loads((path / "card.json").read_text())
+    print(
+        f"saved {out.name}/{version}: val_nll {result.best_val:.4f} (epoch {result.best_epoch}), "
+        f"sha256 {card['sha256']}"
+    )
+    return 0
+
+
+def _expand(pattern: str) -> list[Path]:
+    p = Path(pattern)
+    if p.is_dir():
+        return sorted(p.glob("*.csv"))
+    if any(ch in pattern for ch in "*?["):
+        return sorted(Path().glob(pattern))
+    return [p]
+
+
+def _next_version(out: Path) -> str:
+    versions = [int(p.name) for p in out.glob("*") if p.name.isdigit()]
+    return str(max(versions, default=0) + 1)
+
+
+def models_main(args: argparse.Namespace) -> int:
+    if args.models_command == "list":
+        for m in list_models(args.models_dir):
+            print(f"{m['name']}/{m['version']}  {m['path']}")
+        return 0
+    loaded = load_model(args.name, args.models_dir)
+    print(json.dumps(loaded.card, indent=2))
+    return 0
+
+
+def simulate_files(args: argparse.Namespace) -> int:
+    from sensorwatch.simulate import Fleet
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(
+        devices=args.devices,
+        channels=args.channels,
+        seed=args.seed,
+        anomaly_rate=args.anomaly_rate,
+        interval_s=args.interval,
+    )
+    names = [f"ch{i}" for i in range(args.channels)]
+    rows: list[list[np.ndarray]] = [[] for _ in range(args.devices)]
+    labels: dict[str, list[list[float | str]]] = {}
+    tss: list[list[float]] = [[] for _ in range(args.devices)]
+    for _ in range(args.readings):
+        ids, ts, values, lab = fleet.step()
+        for i in range(args.devices):
+            rows[i].append(values[i])
+            tss[i].append(float(ts[i]))
+            if lab[i]:
+                labels.setdefault(f"{ids[i]}.csv", []).append([float(ts[i]), lab[i]])
+    for i, device in enumerate(fleet.ids):
+        with open(out / f"{device}.csv", "w") as fh:
+            fh.write("timestamp," + ",".join(names) + "\n")
+            for t, v in zip(tss[i], rows[i], strict=True):
+                fh.write(f"{t:.3f}," + ",".join("" if np.isnan(x) else f"{x:.6g}" for x in v) + "\n")
+    (out / "labels.json").write_text(json.dumps(labels, indent=1))
+    print(f"wrote {args.devices} CSVs of {args.readings} readings and labels.json to {out}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a forecaster with BPTT; writes models/NAME/VERSION")
+    t.add_argument(
+        "--data", nargs="+", required=True, help="CSV files, directories or globs (one CSV per device)"
+    )
+    t.add_argument("--out", required=True, help="models/NAME")
+    t.add_argument("--version", help="artifact version (default: next integer)")
+    t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
+    t.add_argument("--hidden", type=int, default=32)
+    t.add_argument("--layers", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--bptt", type=int, default=256)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--patience", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    t.add_argument("--resume", action="store_true", help="continue from models/NAME/.checkpoint")
+    t.set_defaults(func=train_main)
+
+    m = sub.add_parser("models", help="list or show model artifacts")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list")
+    ml.add_argument("--models-dir", default=None)
+    ms = msub.add_parser("show")
+    ms.add_argument("name", help="NAME or NAME/VERSION")
+    ms.add_argument("--models-dir", default=None)
+    m.set_defaults(func=models_main)
