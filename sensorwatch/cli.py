@@ -50,6 +50,16 @@ def _score_csv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from sensorwatch.report import render
+
+    out = render(
+        args.input, args.out, model_ref=args.model, models_dir=args.models_dir, calibrator=args.calibrator
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from sensorwatch.bench import engine
 
@@ -105,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--duration", type=float, default=None, help="--mqtt-url: seconds (default: until Ctrl-C)")
     m.add_argument("--labels", action="store_true", help="--mqtt-url: print injected labels as JSON lines")
     m.set_defaults(func=simulate_files)
+
+    r = sub.add_parser("report", help="plot readings, predictions, likelihood and anomalies of a CSV")
+    r.add_argument("input", metavar="IN.csv")
+    r.add_argument("--out", default="report.png", help="report.png or report.html")
+    r.add_argument("--model", default=None)
+    r.add_argument("--models-dir", default=None)
+    r.add_argument("--calibrator", choices=CALIBRATORS, default="likelihood")
+    r.set_defaults(func=_report)
     return p
 
 
