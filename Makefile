@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck pytest bench run clean broker
+.PHONY: venv test lint typecheck pytest bench run clean broker models
 
 # (Re)create the virtual environment when pyproject.toml changes.  The CPU build of torch is
 # installed first and pinned so that no dependency pulls a multi-GB CUDA build.
@@ -36,6 +36,15 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/sensorwatch bench engine --json out/bench-engine.json
+
+# Shipped default models, rebuilt from simulated data (seeded; CPU; card.json records the command).
+models: $(STAMP)
+	$(BIN)/sensorwatch simulate --out out/train/univariate --devices 128 --readings 4000 --anomaly-rate 0 --seed 101
+	$(BIN)/sensorwatch train --data out/train/univariate --out models/univariate --version 1 \
+		--cell lstm --hidden 32 --layers 1 --epochs 12 --seed 0
+	$(BIN)/sensorwatch simulate --out out/train/machine8 --devices 64 --channels 8 --readings 4000 --anomaly-rate 0 --seed 102
+	$(BIN)/sensorwatch train --data out/train/machine8 --out models/machine8 --version 1 \
+		--cell gru --hidden 64 --layers 1 --epochs 12 --seed 0
 
 run: $(STAMP)
 	$(BIN)/python scripts/run.py

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--labels", action="store_true", help="--mqtt-url: print injected labels as JSON lines")
     m.set_defaults(func=simulate_files)
 
+    from sensorwatch.evaluation.cli import add_parser as add_evaluate
+
+    add_evaluate(sub)
+
     r = sub.add_parser("report", help="plot readings, predictions, likelihood and anomalies of a CSV")
     r.add_argument("input", metavar="IN.csv")
     r.add_argument("--out", default="report.png", help="report.png or report.html")

@@ -103,6 +103,7 @@ class Trainer:
         self.result = TrainResult(self.model)
         self._best_state: dict[str, torch.Tensor] = {}
         self._bad_epochs = 0
+        self._last_report = 0.0
 
     # ------------------------------------------------------------------ main loop
     def fit(self, series: list[Series], resume: bool = False) -> TrainResult:
@@ -185,6 +186,10 @@ class Trainer:
         return float(per_seq[has].mean()) if bool(has.any()) else math.nan
 
     def _report(self, epoch: int, frac: float, loss: float, t0: float, start_epoch: int) -> None:
+        now = time.monotonic()
+        if frac < 1.0 and now - self._last_report < 0.5:
+            return  # a progress line twice a second is plenty (and keeps logs small)
+        self._last_report = now
         done = (epoch - start_epoch) + frac
         left = self.cfg.epochs - start_epoch - done
         eta = (time.monotonic() - t0) / max(done, 1e-9) * left
