@@ -17,9 +17,12 @@ from sensorwatch.scoring.scorer import StreamScorer
 
 
 class Streamable(Protocol):
-    relpath: str
-    ts: np.ndarray
-    values: np.ndarray
+    @property
+    def relpath(self) -> str: ...
+    @property
+    def ts(self) -> np.ndarray: ...
+    @property
+    def values(self) -> np.ndarray: ...
 
 
 def stream_scores(
