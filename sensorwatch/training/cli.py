@@ -60,9 +60,7 @@ def train_main(args: argparse.Namespace) -> int:
             "history": result.history,
         },
         "validation": {"nll": result.best_val, "best_epoch": result.best_epoch},
-        "command": "sensorwatch " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if len(sys.argv) > 1
-        else "",
+        "command": "sensorwatch " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
     }
     path = save_model(result.model, out.parent, out.name, version, **card_extra)
     card = json.loads((path / "card.json").read_text())
