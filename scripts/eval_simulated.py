@@ -1,57 +1,67 @@
-"""Event recall and false-positive rate of the built-in model on the simulated fleet (seeded).
+"""Event recall and false-positive rate on the simulated fleet (seeded), per anomaly kind.
 
-python scripts/eval_simulated.py — an anomaly event counts as caught when any reading from its start
-to 5 readings after its end is flagged; false positives are flagged readings outside events (after
-the first 400 readings of each device).
+python scripts/eval_simulated.py [MODEL ...] — MODEL is a model reference (``univariate``,
+``machine8``) or ``builtin``. An anomaly event counts as caught when any reading from its start to 5
+readings after its end is flagged; false positives are flagged readings outside events, after the
+first 400 readings of each device. The fleet is a different seed from the models' training data.
 """
 
+from __future__ import annotations
+
+import sys
 import time
 
 import numpy as np
 
 from sensorwatch import ReadingBatch, StreamScorer
+from sensorwatch.artifacts import load_model
 from sensorwatch.simulate import Fleet
 
-for C in [1, 4]:
-    f = Fleet(devices=300, channels=C, seed=3, anomaly_rate=0.002)
-    s = StreamScorer.builtin(channels=C)
-    T = 3000
-    L = np.zeros((T, 300), dtype=object)
-    A = np.zeros((T, 300), bool)
+DEVICES, READINGS, SKIP = 300, 3000, 400
+
+
+def evaluate(ref: str, channels: int) -> str:
+    if ref == "builtin":
+        scorer = StreamScorer.builtin(channels=channels)
+    else:
+        m = load_model(ref)
+        channels = m.model.config.channels
+        scorer = StreamScorer(m.model, model_version=m.ref)
+    fleet = Fleet(devices=DEVICES, channels=channels, seed=3, anomaly_rate=0.002)
+    labels = np.zeros((READINGS, DEVICES), dtype=object)
+    flags = np.zeros((READINGS, DEVICES), bool)
     t0 = time.perf_counter()
-    for k in range(T):
-        ids, ts, v, lab = f.step()
-        r = s.step(ReadingBatch(ids, ts, v))
-        L[k] = lab
-        A[k] = r.is_anomaly
-    # events
-    hits = {}
-    tot = {}
-    fp = 0
-    normal = 0
-    for d in range(300):
-        lab = L[:, d]
-        k = 0
-        while k < T:
+    for k in range(READINGS):
+        ids, ts, v, lab = fleet.step()
+        flags[k] = scorer.step(ReadingBatch(ids, ts, v)).is_anomaly
+        labels[k] = lab
+    hits: dict[str, int] = {}
+    total: dict[str, int] = {}
+    fp = normal = 0
+    for d in range(DEVICES):
+        lab, k = labels[:, d], 0
+        while k < READINGS:
             if lab[k]:
-                kind = lab[k]
-                e = k
-                while e < T and lab[e] == kind:
+                kind, e = lab[k], k
+                while e < READINGS and lab[e] == kind:
                     e += 1
-                tot[kind] = tot.get(kind, 0) + 1
-                if A[k : min(T, e + 5), d].any():
-                    hits[kind] = hits.get(kind, 0) + 1
+                total[kind] = total.get(kind, 0) + 1
+                hits[kind] = hits.get(kind, 0) + int(flags[k : min(READINGS, e + 5), d].any())
                 k = e + 5
-            else:
-                if k >= 400:
-                    normal += 1
-                    fp += A[k, d]
-                k += 1
-    print(
-        C,
-        "channels",
-        {k: f"{hits.get(k, 0)}/{v}" for k, v in tot.items()},
-        "FP per 1000 normal:",
-        round(1000 * fp / normal, 2),
-        f"{time.perf_counter() - t0:.0f}s",
+                continue
+            if k >= SKIP:
+                normal += 1
+                fp += int(flags[k, d])
+            k += 1
+    kinds = " | ".join(f"{kind} {hits.get(kind, 0)}/{n}" for kind, n in sorted(total.items()))
+    return (
+        f"| {scorer.model_version} | {channels} | {kinds} | {1000 * fp / normal:.2f} | "
+        f"{time.perf_counter() - t0:.0f} s |"
     )
+
+
+if __name__ == "__main__":
+    print("| model | channels | caught / events per kind | false positives per 1000 normal readings | time |")
+    print("|---|---|---|---|---|")
+    for ref in sys.argv[1:] or ["builtin", "univariate", "machine8"]:
+        print(evaluate(ref, 1), flush=True)
