@@ -10,9 +10,17 @@ Pipeline for a batch of B readings of B distinct devices (every function works o
 3. **Anomaly likelihood** (Numenta-style): the short-term mean of raw scores (last
    ``likelihood_short``) is compared with the long-term distribution of those means (EW mean and
    variance over ``likelihood_long`` readings, estimated *before* the current reading):
-   likelihood = Φ((short − μ)/σ) ∈ [0, 1].
+   tail = 1 − Φ((short − μ)/σ); with ``point_likelihood`` also the two-sided Gaussian tail of the
+   reading's own residual, with ``stuck_check`` the stuck-run tail p^r. All tails stay in log space
+   (``log_ndtr``) and are combined as the smallest tail → **surprise** S = −log10(tail) (decimal
+   digits, unbounded). Optionally (``empirical_surprise``) each kind of surprise is first
+   recalibrated against the device's own history (conformal, Bonferroni over the kinds), and
+   (``alert_dedup``) readings no more surprising than a recent one are damped (one alert per episode).
+   likelihood = :func:`surprise_to_likelihood` (S): exactly 1 − 10^(−S) up to S = 8, compressed
+   above so that it never rounds to 1.0 in float64 — the column is order-preserving without ties.
 4. **Range check**: a value outside the device's range so far by more than ``range_margin`` of the
-   range gets likelihood 1 — one isolated spike barely moves a short-term mean, this catches it.
+   range gets likelihood exactly 1 (the one top value) — one isolated spike barely moves a
+   short-term mean, this catches it.
 5. **Dynamic threshold** (Telemanom-style, calibrator ``threshold``): the smoothed scores of the
    last ``threshold_window`` readings live in a per-device ring; every ``threshold_every`` readings
    the threshold ε = μ + zσ is re-fit by choosing the z that best separates the flagged points
@@ -36,6 +44,38 @@ from sensorwatch.state.store import ColumnSpec
 
 F64 = torch.float64
 SQRT2 = math.sqrt(2.0)
+LN10 = math.log(10.0)
+LOG_2 = math.log(2.0)
+LOG_HALF = -LOG_2
+#: Largest raw score inverted for the point likelihood (raw rounds to 1.0 beyond z ≈ 8.6·c).
+RAW_MAX = 1.0 - 2.0**-53
+#: Surprise (decimal digits) below which the likelihood is exactly 1 − 10^(−surprise).
+SURPRISE_EXACT = 8.0
+#: Bound of the compressed surprise: likelihood < 1 − 10^(−SURPRISE_TOP) for every finite surprise,
+#: still resolved in float64 (a tail of 1e-12 carries ~4 significant digits next to 1.0).
+SURPRISE_TOP = 12.0
+#: Histogram of past surprises (empirical recalibration): bin width in decimal digits and bin count
+#: (the last bin holds everything above 15.75 digits).
+SURPRISE_BIN = 0.25
+SURPRISE_BINS = 64
+#: Surprise a range-check hit stands for when it is damped or remembered (finite, above realistic tails).
+SURPRISE_CAP = 100.0
+
+
+def surprise_to_likelihood(surprise: torch.Tensor) -> torch.Tensor:
+    """Map surprise S = −log10(tail probability) ∈ [0, ∞] monotonically into [0, 1] without ties.
+
+    Up to ``SURPRISE_EXACT`` (8) digits the likelihood is exactly 1 − 10^(−S) (so 0.9999 ⇔ S = 4);
+    above, S is compressed smoothly (continuous slope) towards ``SURPRISE_TOP`` (12) digits, so
+    distinct finite surprises keep distinct likelihoods below 1.0 in float64. S = ∞ (a range-check
+    hit) is exactly 1.0.
+    """
+    s = surprise.clamp_min(0.0)
+    span = SURPRISE_TOP - SURPRISE_EXACT
+    over = (s - SURPRISE_EXACT).clamp_min(0.0)
+    g = torch.where(s <= SURPRISE_EXACT, s, SURPRISE_EXACT + span * over / (over + span))
+    g = torch.where(torch.isinf(s), math.inf, g)
+    return -torch.expm1(-g * LN10)
 
 
 def calibration_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpec]:
@@ -56,6 +96,12 @@ def calibration_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpe
         cols["rep_n"] = ColumnSpec((channels,), F64)
         cols["rep_ew"] = ColumnSpec((channels,), F64)
         cols["run"] = ColumnSpec((channels,), F64)
+    if cfg.empirical_surprise:
+        k = 1 + int(cfg.point_likelihood) + int(cfg.stuck_check)
+        cols["s_hist"] = ColumnSpec((k, SURPRISE_BINS), F64)
+        cols["s_max"] = ColumnSpec((k,), F64)
+    if cfg.alert_dedup:
+        cols["recent"] = ColumnSpec((cfg.alert_dedup,), F64)
     if cfg.calibrator == "threshold":
         cols["eps"] = ColumnSpec((), F64, math.inf)
         # The ring of smoothed scores is updated in place (never gathered whole on the hot path).
@@ -120,6 +166,65 @@ def stuck_likelihood(
     return lik, upd
 
 
+def stuck_log_tail(
+    rows: Mapping[str, torch.Tensor], x: torch.Tensor, observed: torch.Tensor, cfg: ScorerConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`stuck_likelihood` in log space: returns (log p^r minimised over channels (B,), updates);
+    likelihood = 1 − exp(returned value)."""
+    prev = rows["prev_x"]
+    cmp = observed & torch.isfinite(prev)
+    rep = cmp & (x == prev)
+    m = rows["rep_n"].clamp(max=cfg.norm_window)
+    p = (rows["rep_ew"] * m + 1) / (m + 2)
+    run = torch.where(rep, rows["run"] + 1, torch.where(cmp, 0.0, rows["run"]))
+    log_tail = torch.where(run > 0, run * torch.log(p), 0.0).amin(1)
+    n_new = rows["rep_n"] + cmp.to(F64)
+    alpha = torch.where(cmp, 1.0 / n_new.clamp(min=1, max=cfg.norm_window), 0.0)
+    upd = {
+        "prev_x": torch.where(observed, x, prev),
+        "rep_n": n_new,
+        "rep_ew": rows["rep_ew"] + alpha * (rep.to(F64) - rows["rep_ew"]),
+        "run": run,
+    }
+    return log_tail, upd
+
+
+def empirical_surprise(
+    rows: Mapping[str, torch.Tensor], surprise: torch.Tensor, n: torch.Tensor, cfg: ScorerConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Recalibrate model surprises (B, K) — each of K kinds separately — against the device's own history of surprises (conformal).
+
+    A Gaussian tail over-states rare events on heavy-tailed or near-deterministic series (thousands
+    of "1e-12" readings on one device). Here the surprise becomes −log10 of the (smoothed) fraction
+    of the device's past readings, over a ``likelihood_long`` horizon, that were at least as
+    surprising — r = (exceed·m + 1)/(m + 1) with m past readings — plus, beyond the most surprising
+    reading ever seen, the excess in decimal digits. A per-device histogram of ``SURPRISE_BINS``
+    bins of ``SURPRISE_BIN`` digits holds the history (linear binning and interpolation, so
+    scores are continuous in the surprise).
+    """
+    w = SURPRISE_BIN
+    s = surprise.clamp_min(0.0)
+    pos = s / w
+    b = pos.floor().clamp(max=SURPRISE_BINS - 1)
+    frac = (pos - b).clamp(0.0, 1.0)
+    b = b.long()[..., None]
+    h = rows["s_hist"][:, : s.shape[1]]
+    tail_incl = torch.flip(torch.cumsum(torch.flip(h, [2]), 2), [2])
+    exceed = (tail_incl.gather(2, b)[..., 0] - h.gather(2, b)[..., 0] * frac).clamp_min(0.0)
+    m = torch.clamp(n, max=cfg.likelihood_long)[:, None]
+    r = (exceed * m + 1) / (m + 1)
+    s_max = rows["s_max"][:, : s.shape[1]]
+    s_cal = -torch.log10(r) + (s - s_max).clamp_min(0.0)
+    alpha = (1.0 / torch.clamp(n + 1, max=cfg.likelihood_long))[:, None, None]
+    # Linear (soft) binning: the mass is split between the bin and the next one, so the history, and
+    # every later score, moves continuously with the surprise (no jump at a bin edge).
+    b1 = (b[..., 0] + 1).clamp(max=SURPRISE_BINS - 1)
+    onehot = torch.nn.functional.one_hot(b[..., 0], SURPRISE_BINS).to(h.dtype) * (1 - frac)[..., None]
+    onehot = onehot + torch.nn.functional.one_hot(b1, SURPRISE_BINS).to(h.dtype) * frac[..., None]
+    upd = {"s_hist": h + alpha * (onehot - h), "s_max": torch.maximum(s_max, s)}
+    return s_cal, upd
+
+
 def raw_score(z: torch.Tensor, scored: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw score (B,) in [0, 1) and attribution (B, C) summing to 1 from residuals ``z`` (B, C).
 
@@ -166,18 +271,20 @@ def calibrate(
     first = n == 0
     smoothed = torch.where(first, raw, cfg.smoothing_alpha * raw + (1 - cfg.smoothing_alpha) * rows["smooth"])
 
-    # Anomaly likelihood: short-term mean vs the long-term distribution seen so far.
+    # Anomaly likelihood: short-term mean vs the long-term distribution seen so far. Every tail is
+    # kept in log space (natural log of a probability ≤ 1) so that nothing saturates at 1.0.
     s = cfg.likelihood_short
     pos = (n % s).long()
     ring = rows["st_ring"].clone()
     ring.scatter_(1, pos[:, None], raw[:, None])
     short = ring.sum(1) / torch.clamp(n + 1, max=s)
     sd = torch.sqrt(rows["lt_var"]).clamp_min(cfg.likelihood_std_floor)
-    likelihood = torch.where(n >= 2, 0.5 * torch.erfc(-(short - rows["lt_mean"]) / (sd * SQRT2)), 0.5)
+    log_short = torch.where(n >= 2, torch.special.log_ndtr(-(short - rows["lt_mean"]) / sd), LOG_HALF)
+    log_tails = [log_short]
     if cfg.point_likelihood:
         # Invert raw = 1 − exp(−(z/c)²/2) for the equivalent |z|; its two-sided Gaussian tail.
-        z_eq = cfg.score_c * torch.sqrt(-2.0 * torch.log1p(-raw.clamp(max=1.0)))
-        likelihood = torch.maximum(likelihood, torch.erf(z_eq / SQRT2))
+        z_eq = cfg.score_c * torch.sqrt(-2.0 * torch.log1p(-raw.clamp(max=RAW_MAX)))
+        log_tails.append(LOG_2 + torch.special.log_ndtr(-z_eq))
     alpha = 1.0 / torch.clamp(n + 1, max=cfg.likelihood_long)
     delta = short - rows["lt_mean"]
     lt_mean = rows["lt_mean"] + alpha * delta
@@ -192,13 +299,33 @@ def calibrate(
         if cfg.range_margin is not None
         else torch.zeros_like(armed)
     )
-    likelihood = torch.where(out_of_range, 1.0, likelihood)
     hard = out_of_range
+    # Surprise in decimal digits (−log10 of the tail probability).
     if cfg.stuck_check:
-        stuck, stuck_rows = stuck_likelihood(rows, x, observed, cfg)
-        stuck = torch.where(armed, stuck, 0.0)
-        likelihood = torch.maximum(likelihood, stuck)
-        hard = hard | (stuck >= cfg.likelihood_threshold)
+        log_stuck, stuck_rows = stuck_log_tail(rows, x, observed, cfg)
+        log_stuck = torch.where(armed, log_stuck, 0.0)
+        hard = hard | (log_stuck <= math.log1p(-cfg.likelihood_threshold))
+        log_tails.append(log_stuck)
+    surprises = -torch.stack(log_tails, 1) / LN10  # (B, K): short-term [, point] [, stuck]
+    cal_rows: dict[str, torch.Tensor] = {}
+    if cfg.empirical_surprise:
+        surprises, cal_rows = empirical_surprise(rows, surprises, n, cfg)
+        # Bonferroni: the most surprising of K recalibrated tails.
+        surprise = (surprises.amax(1) - math.log10(surprises.shape[1])).clamp_min(0.0)
+    else:
+        surprise = surprises.amax(1)
+    # A range-check hit is the top value.
+    surprise = torch.where(out_of_range, math.inf, surprise)
+    if cfg.alert_dedup:
+        # One alert per episode: a reading counts in full only when it is more surprising than every
+        # reading of the last ``alert_dedup`` (scored) readings of this device, else it is damped.
+        capped = surprise.clamp(max=SURPRISE_CAP)
+        recent = rows["recent"].amax(1)
+        surprise = torch.where(surprise > recent, surprise, cfg.dedup_damping * capped)
+        rpos = (n % cfg.alert_dedup).long()
+        recent_ring = rows["recent"].clone()
+        recent_ring.scatter_(1, rpos[:, None], torch.where(scored, capped, 0.0)[:, None])
+    likelihood = surprise_to_likelihood(surprise)
     new_lo = torch.where(observed, torch.minimum(lo, x), lo)
     new_hi = torch.where(observed, torch.maximum(hi, x), hi)
 
@@ -209,6 +336,9 @@ def calibrate(
         "lt_mean": lt_mean,
         "lt_var": lt_var,
     }
+    if cfg.alert_dedup:
+        new["recent"] = recent_ring
+    new.update(cal_rows)
     keep = {k: torch.where(_bcast(scored, v), v, rows[k]) for k, v in new.items()}
     keep["rng_lo"], keep["rng_hi"] = new_lo, new_hi
     if cfg.stuck_check:

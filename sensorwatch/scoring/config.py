@@ -74,7 +74,12 @@ class ScorerConfig(BaseModel):
     )
     likelihood_std_floor: float = Field(0.005, gt=0, description="Floor of the long-term std.")
     likelihood_threshold: float = Field(
-        0.9999, gt=0, lt=1, description="Decision cut for calibrator 'likelihood'."
+        0.9999,
+        gt=0,
+        lt=1,
+        description="Decision cut for calibrator 'likelihood' (is_anomaly = likelihood ≥ this). The likelihood "
+        "is 1 − 10^(−S) for a surprise of S ≤ 8 decimal digits (0.9999 ⇔ S = 4), compressed above 8 so it "
+        "stays < 1 and tie-free; exactly 1 only for a range-check hit.",
     )
     range_margin: float | None = Field(
         0.05,
@@ -94,6 +99,26 @@ class ScorerConfig(BaseModel):
         True,
         description="Stuck-sensor check: a run of r identical values on a channel whose repeat rate so far "
         "is p has likelihood 1 − p^r (Laplace-smoothed p), so a noisy sensor that freezes is caught.",
+    )
+    empirical_surprise: bool = Field(
+        False,
+        description="Recalibrate the model's surprise (−log10 of the point / short-term tail) against the "
+        "device's own history over likelihood_long readings: −log10 of the fraction of past readings at "
+        "least as surprising, plus the excess over the most surprising reading seen. Makes surprises "
+        "comparable across heavy-tailed and near-deterministic devices.",
+    )
+    alert_dedup: int | None = Field(
+        None,
+        ge=1,
+        description="One alert per episode: a reading whose surprise does not exceed the largest surprise "
+        "of the device's previous alert_dedup scored readings is damped (surprise × dedup_damping); "
+        "None disables it.",
+    )
+    dedup_damping: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Factor on the surprise (decimal digits of the tail) of a reading damped by alert_dedup.",
     )
     # --- state store ------------------------------------------------------------------------------
     max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")

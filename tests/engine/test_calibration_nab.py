@@ -1,0 +1,73 @@
+"""Calibration details behind the NAB evaluation: an order-preserving likelihood without ties,
+per-device empirical recalibration of surprises and one alert per episode."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sensorwatch.scoring import calibration as cal
+from sensorwatch.scoring.config import ScorerConfig
+
+
+def test_likelihood_is_exact_below_eight_digits_and_never_saturates() -> None:
+    s = torch.tensor([0.0, 1.0, 4.0, 8.0], dtype=torch.float64)
+    lik = cal.surprise_to_likelihood(s)
+    torch.testing.assert_close(lik, 1 - 10 ** (-s))
+    big = torch.tensor([8.5, 9.0, 20.0, 65.0, 300.0, 1e4], dtype=torch.float64)
+    lik_big = cal.surprise_to_likelihood(big)
+    assert (lik_big < 1.0).all()
+    assert (torch.diff(lik_big) > 0).all()  # strictly increasing: no ties in float64
+    assert cal.surprise_to_likelihood(torch.tensor([math.inf], dtype=torch.float64)).item() == 1.0
+    # The default decision cut 0.9999 is a surprise of 4 decimal digits.
+    assert math.isclose(-math.log10(1 - ScorerConfig().likelihood_threshold), 4.0, rel_tol=1e-9)
+
+
+def _rows(cfg: ScorerConfig, b: int) -> dict[str, torch.Tensor]:
+    cols = cal.calibration_columns(1, cfg)
+    return {k: torch.full((b, *c.shape), c.fill, dtype=c.dtype) for k, c in cols.items()}
+
+
+def test_empirical_surprise_discounts_a_device_that_is_always_surprised() -> None:
+    cfg = ScorerConfig(empirical_surprise=True)
+    rows = _rows(cfg, 2)
+    k = rows["s_max"].shape[1]
+    for i in range(500):
+        # Device 0 sees a surprise of 10 digits on every reading; device 1 sees 0.
+        s = torch.tensor([[10.0] * k, [0.0] * k], dtype=torch.float64)
+        out, upd = cal.empirical_surprise(rows, s, torch.full((2,), float(i), dtype=torch.float64), cfg)
+        rows.update(upd)
+    probe = torch.tensor([[10.0] * k, [10.0] * k], dtype=torch.float64)
+    out, _ = cal.empirical_surprise(rows, probe, torch.full((2,), 500.0, dtype=torch.float64), cfg)
+    assert out[0, 0] < 0.5  # routine for device 0
+    assert out[1, 0] > math.log10(501)  # beyond anything device 1 has seen
+
+
+def _episode(alert_dedup: int | None) -> list[float]:
+    cfg = ScorerConfig(alert_dedup=alert_dedup, stuck_check=False, range_margin=None)
+    rows = _rows(cfg, 1)
+    liks = []
+    for i in range(300):
+        raw = {200: 0.999, 203: 0.99}.get(i, 0.01 * (i % 7) / 7)
+        co = cal.calibrate(
+            rows,
+            torch.tensor([raw], dtype=torch.float64),
+            torch.zeros(1, 1, dtype=torch.float64),
+            torch.ones(1, 1, dtype=torch.bool),
+            torch.ones(1, dtype=torch.bool),
+            torch.ones(1, dtype=torch.bool),
+            cfg,
+        )
+        rows = co.rows
+        liks.append(co.likelihood.item())
+    return liks
+
+
+def test_alert_dedup_damps_the_rest_of_an_episode() -> None:
+    on = -torch.log10(1 - torch.tensor(_episode(20)[200:240], dtype=torch.float64))
+    off = -torch.log10(1 - torch.tensor(_episode(None)[200:240], dtype=torch.float64))
+    assert on[0] > 4 and on[0] == off[0]  # the episode's first reading alerts in full
+    assert (on <= off).all()  # nothing is amplified
+    # A smaller spike 3 readings later belongs to the same episode: damped.
+    assert on[3] < off[3] and off[3] > 0
