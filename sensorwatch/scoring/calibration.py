@@ -192,7 +192,9 @@ def stuck_log_tail(
 def empirical_surprise(
     rows: Mapping[str, torch.Tensor], surprise: torch.Tensor, n: torch.Tensor, cfg: ScorerConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Recalibrate model surprises (B, K) — each of K kinds separately — against the device's own history of surprises (conformal).
+    """Recalibrate model surprises (B, K), each kind separately, against the device's own history.
+
+    (Conformal in spirit.)
 
     A Gaussian tail over-states rare events on heavy-tailed or near-deterministic series (thousands
     of "1e-12" readings on one device). Here the surprise becomes −log10 of the (smoothed) fraction

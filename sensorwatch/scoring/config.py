@@ -77,9 +77,9 @@ class ScorerConfig(BaseModel):
         0.9999,
         gt=0,
         lt=1,
-        description="Decision cut for calibrator 'likelihood' (is_anomaly = likelihood ≥ this). The likelihood "
-        "is 1 − 10^(−S) for a surprise of S ≤ 8 decimal digits (0.9999 ⇔ S = 4), compressed above 8 so it "
-        "stays < 1 and tie-free; exactly 1 only for a range-check hit.",
+        description="Decision cut for calibrator 'likelihood' (is_anomaly = likelihood ≥ this). The "
+        "likelihood is 1 − 10^(−S) for a surprise of S ≤ 8 decimal digits (0.9999 ⇔ S = 4), "
+        "compressed above 8 so it stays < 1 and tie-free; exactly 1 only for a range-check hit.",
     )
     range_margin: float | None = Field(
         0.05,

@@ -67,7 +67,9 @@ def _episode(alert_dedup: int | None) -> list[float]:
 def test_alert_dedup_damps_the_rest_of_an_episode() -> None:
     on = -torch.log10(1 - torch.tensor(_episode(20)[200:240], dtype=torch.float64))
     off = -torch.log10(1 - torch.tensor(_episode(None)[200:240], dtype=torch.float64))
-    assert on[0] > 4 and on[0] == off[0]  # the episode's first reading alerts in full
+    assert on[0] > 4
+    assert on[0] == off[0]
     assert (on <= off).all()  # nothing is amplified
     # A smaller spike 3 readings later belongs to the same episode: damped.
-    assert on[3] < off[3] and off[3] > 0
+    assert on[3] < off[3]
+    assert off[3] > 0
