@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.routing import Route
 
-from sensorwatch.artifacts import ArtifactError, list_models
+from sensorwatch.artifacts import DEFAULT_MODEL, ArtifactError, list_models, load_model
 from sensorwatch.scoring.batch import Reading, StepResult
 from service.metrics import Metrics
 from service.payloads import result_records
@@ -46,6 +46,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
             "invalid setting SENSORWATCH_ADMIN_TOKEN: required for the admin endpoints "
             "(or start with --insecure-no-auth)"
         )
+    _check_model(settings)
 
     metrics = Metrics()
 
@@ -137,6 +138,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         """Forget a device's state (admin): its next reading starts fresh with warm-up."""
         with svc.engine.lock:
             known = svc.engine.scorer.reset(device_id)
+            svc.metrics.active_devices.set(len(svc.engine.scorer.store))
         if not known:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no state for device {device_id!r}")
         return Response(status_code=204)
@@ -179,6 +181,18 @@ class _AsgiEndpoint:
         await self.app(scope, receive, send)
 
 
+def _check_model(settings: Settings) -> None:
+    """A MODEL naming no loadable artifact refuses to start like any invalid setting (the lifespan
+    would fail later with a traceback); the default falls back to the built-in model instead."""
+    if settings.model == DEFAULT_MODEL:
+        return
+    try:
+        load_model(settings.model, settings.models_dir)
+    except ArtifactError as exc:
+        detail = " ".join(str(exc).split())
+        raise SettingsError(f"invalid setting SENSORWATCH_MODEL: {detail}") from None
+
+
 def _set(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -212,7 +226,7 @@ class BodyLimit:
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > self.max_bytes:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(self.max_bytes)
             return msg
 
         try:
@@ -221,8 +235,12 @@ class BodyLimit:
             await _too_large(send, self.max_bytes)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised while the body streams in. An HTTPException, because FastAPI turns any other exception
+    raised while reading the body into a 400; this way its exception handler answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
 
 
 async def _too_large(send: Send, limit: int) -> None:

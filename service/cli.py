@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from sensorwatch import cli as lib_cli
 
@@ -24,9 +26,18 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"sensorwatch: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # uvicorn turns SIGTERM/SIGINT into a lifespan shutdown: Service.stop drains and snapshots.
+    # uvicorn turns SIGTERM/SIGINT into a lifespan shutdown: Service.stop drains and snapshots. Once
+    # shut down, uvicorn re-raises the signal under the handlers that were there before it started; with
+    # Python's defaults that kills the process (status -15/143, or a KeyboardInterrupt traceback) after
+    # a clean drain. These no-op handlers only take effect then: a graceful stop exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stopped)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
     return 0
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    """The signal uvicorn re-raises after its graceful shutdown: already handled."""
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -68,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in model cards
     return int(args.func(args))
 
 

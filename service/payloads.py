@@ -123,6 +123,7 @@ REASON_DETAILS = {
     "wrong_channel_count": "values has the wrong number of channels",
     "unknown_channel": "values names a channel the model does not have",
     "non_finite": "a value is infinite",
+    "value_too_large": "a value's magnitude exceeds max_abs_value",
     "bad_value": "values missing or not numbers",
     "no_values": "every channel is missing",
     "bad_timestamp": "ts missing or not unix seconds / RFC 3339 with offset",

@@ -113,6 +113,7 @@ class Engine:
         with self.lock:
             kept = self.scorer.swap_model(loaded.model, loaded.ref)
             self.model_name, self.model_ref, self.sha256 = loaded.name, loaded.version, loaded.sha256
+            self.metrics.active_devices.set(len(self.scorer.store))  # 0 after a reset
         self.metrics.model_reloads.labels("success").inc()
         self.metrics.set_model(loaded.name, loaded.version)
         return {"old": old, "new": self.describe(), "state": "kept" if kept else "reset"}
@@ -265,6 +266,7 @@ class MicroBatcher:
         now = time.monotonic()
         m = self.metrics
         m.batch_size.observe(len(readings))
+        slices = []
         start = 0
         for w in batch:
             stop = start + len(w.readings)
@@ -272,15 +274,19 @@ class MicroBatcher:
             m.readings.labels(w.source, "scored").inc(int(acc.sum()))
             m.readings.labels(w.source, "rejected").inc(int((~acc).sum()))
             m.latency.observe_many(np.full(stop - start, now - w.enqueued))
-            if self.on_result is not None:
-                _safe(self.on_result, w, result, start, stop)
-            _safe(w.done, result, start, stop)
+            slices.append((w, start, stop))
             start = stop
         for reason in result.reason[~result.accepted].tolist():
             m.rejections.labels(reason).inc()
         m.anomalies.inc(int(result.is_anomaly.sum()))
         m.gap_resets.inc(int(result.gap_reset.sum()))
         m.likelihood.observe_many(result.likelihood[result.accepted])
+        # Metrics first: whoever gets a result (a REST caller, an MQTT subscriber) and then reads
+        # /metrics sees it counted.
+        for w, start, stop in slices:
+            if self.on_result is not None:
+                _safe(self.on_result, w, result, start, stop)
+            _safe(w.done, result, start, stop)
 
 
 def _safe(fn: Callable[..., Any], *args: Any) -> None:

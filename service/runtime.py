@@ -133,30 +133,50 @@ class Service:
         self._ack(msg)
 
     def _mqtt_done(self, msg: InboundMessage, result: StepResult | None, start: int, stop: int) -> None:
-        """Runs on the batcher thread: publish every outcome, then ack the message."""
-        if result is None:
-            self._publish(self.t_dead, deadletter("internal_error", "scoring failed", msg.topic, msg.payload))
-            self._ack(msg)
-            return
-        for offset, rec in enumerate(result_records(result, start, stop)):
-            device = rec["device_id"]
-            if not rec["accepted"]:
-                doc = deadletter(
-                    rec["reason"],
-                    rec["detail"],
-                    msg.topic,
-                    msg.payload,
-                    device_id=device,
-                    index=offset,
-                    ts=rec["ts"],
+        """Runs on the batcher thread: publish every outcome, then ack the message — always: an unacked
+        message would hold one of the broker's in-flight slots for this session until a restart, and
+        then be scored a second time."""
+        try:
+            if result is None:
+                self._publish(
+                    self.t_dead, deadletter("internal_error", "scoring failed", msg.topic, msg.payload)
                 )
-                self._publish(self.t_dead, doc)
-                continue
-            if rec["is_anomaly"]:
-                self._publish(f"{self.t_anomalies}/{device}", dumps(anomaly_event(rec)))
-            if self.settings.publish_scores:
-                self._publish(f"{self.t_scores}/{device}", dumps(rec))
-        self._ack(msg)
+                return
+            for offset, rec in enumerate(result_records(result, start, stop)):
+                try:
+                    self._publish_outcome(msg, offset, rec)
+                except (ValueError, TypeError) as exc:  # e.g. a NaN that strict JSON refuses
+                    log.exception("result of reading %d of %s not publishable", offset, msg.topic)
+                    doc = deadletter(
+                        "internal_error",
+                        f"result not publishable: {exc}",
+                        msg.topic,
+                        msg.payload,
+                        device_id=rec["device_id"],
+                        index=offset,
+                    )
+                    self._publish(self.t_dead, doc)
+        finally:
+            self._ack(msg)
+
+    def _publish_outcome(self, msg: InboundMessage, offset: int, rec: dict[str, Any]) -> None:
+        device = rec["device_id"]
+        if not rec["accepted"]:
+            doc = deadletter(
+                rec["reason"],
+                rec["detail"],
+                msg.topic,
+                msg.payload,
+                device_id=device,
+                index=offset,
+                ts=rec["ts"],
+            )
+            self._publish(self.t_dead, doc)
+            return
+        if rec["is_anomaly"]:
+            self._publish(f"{self.t_anomalies}/{device}", dumps(anomaly_event(rec)))
+        if self.settings.publish_scores:
+            self._publish(f"{self.t_scores}/{device}", dumps(rec))
 
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.mqtt is not None:

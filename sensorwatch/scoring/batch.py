@@ -27,6 +27,7 @@ class RejectReason(StrEnum):
     WRONG_CHANNEL_COUNT = "wrong_channel_count"
     UNKNOWN_CHANNEL = "unknown_channel"
     NON_FINITE = "non_finite"
+    VALUE_TOO_LARGE = "value_too_large"
     BAD_VALUE = "bad_value"
     NO_VALUES = "no_values"
     BAD_TIMESTAMP = "bad_timestamp"
@@ -117,11 +118,11 @@ class ReadingBatch:
         reject = np.full(n, None, dtype=object)
         for i, r in enumerate(readings):
             reason = _parse_into(r, index, values[i])
-            if reason is None:
-                try:
-                    ts[i] = parse_ts(r.ts)
-                except (ValueError, TypeError, OverflowError):
-                    reason = RejectReason.BAD_TIMESTAMP
+            try:
+                ts[i] = parse_ts(r.ts)  # also for rejected readings: their rejection reports it
+            except (ValueError, TypeError, OverflowError):
+                ts[i] = math.nan
+                reason = reason or RejectReason.BAD_TIMESTAMP
             reject[i] = reason.value if reason is not None else None
         return cls([r.device_id for r in readings], ts, values, reject)
 
@@ -221,7 +222,7 @@ class StepResult:
 
     def record(self, i: int) -> dict[str, Any]:
         """Reading ``i`` as a JSON-ready dict (rejections: device_id, ts, accepted, reason)."""
-        base: dict[str, Any] = {"device_id": self.device_ids[i], "ts": float(self.ts[i])}
+        base: dict[str, Any] = {"device_id": self.device_ids[i], "ts": _finite_or_none(self.ts[i])}
         if not self.accepted[i]:
             return {**base, "accepted": False, "reason": self.reason[i]}
         names = self.channel_names

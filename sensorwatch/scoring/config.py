@@ -120,6 +120,12 @@ class ScorerConfig(BaseModel):
         le=1,
         description="Factor on the surprise (decimal digits of the tail) of a reading damped by alert_dedup.",
     )
+    max_abs_value: float = Field(
+        1e15,
+        gt=0,
+        description="Readings with a larger |value| are rejected (value_too_large): beyond it "
+        "squares and variances lose all precision.",
+    )
     # --- state store ------------------------------------------------------------------------------
     max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")
     device_ttl_s: float | None = Field(

@@ -198,6 +198,9 @@ class StreamScorer:
             result.reason[ok] = RejectReason.WRONG_CHANNEL_COUNT.value
             return None
         self._reject(result, ok, np.isinf(vals).any(1), RejectReason.NON_FINITE)
+        with np.errstate(invalid="ignore"):
+            huge = (np.abs(vals) > self.config.max_abs_value).any(1)
+        self._reject(result, ok, huge, RejectReason.VALUE_TOO_LARGE)
         self._reject(result, ok, np.isnan(vals).all(1), RejectReason.NO_VALUES)
         self._reject(result, ok, ~np.isfinite(batch.ts), RejectReason.BAD_TIMESTAMP)
 

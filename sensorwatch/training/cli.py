@@ -47,6 +47,9 @@ def train_main(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     torch.use_deterministic_algorithms(True)
+    # Float reductions depend on the thread count: one thread makes the weights (and the card's sha256)
+    # the same on every machine, not just on machines with the same number of cores.
+    torch.set_num_threads(1)
     out = Path(args.out)
     trainer = Trainer(arch, ScorerConfig(), tcfg, checkpoint_dir=out / ".checkpoint")
     result = trainer.fit(series, resume=args.resume)
