@@ -81,6 +81,7 @@ CASES = {
     "unknown_channel": Case(
         RejectReason.UNKNOWN_CHANNEL, [*GOOD, Reading("a", NEXT, {"ch0": 1.0, "humidity": 2.0})], [2]
     ),
+    "value_too_large": Case(RejectReason.VALUE_TOO_LARGE, [*GOOD, Reading("a", NEXT, [1e308, 20.0])], [2]),
     "non_finite-inf": Case(RejectReason.NON_FINITE, [*GOOD, Reading("a", NEXT, [math.inf, 20.0])], [2]),
     "non_finite-neg-inf-one-channel": Case(
         RejectReason.NON_FINITE, [Reading("a", NEXT, [0.0, -math.inf]), *GOOD], [0]
@@ -131,7 +132,7 @@ def test_rejected_reading_leaves_state_untouched_and_others_scored(twins, case: 
     for i in np.flatnonzero(bad):
         assert res.record(int(i)) == {
             "device_id": case.readings[i].device_id,
-            "ts": float(res.ts[i]),
+            "ts": float(res.ts[i]) if math.isfinite(res.ts[i]) else None,  # JSON-ready: no NaN
             "accepted": False,
             "reason": case.reason.value,
         }
