@@ -143,34 +143,12 @@ def recalibrate(
     return z_cal, {"zvar_n": n_new, "zvar": var + alpha * (z2 - var)}
 
 
-def stuck_likelihood(
-    rows: Mapping[str, torch.Tensor], x: torch.Tensor, observed: torch.Tensor, cfg: ScorerConfig
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per reading, 1 − p^r maxed over channels: r = current run of identical values, p = the channel's
-    Laplace-smoothed repeat rate before this reading. Returns (likelihood (B,), state updates)."""
-    prev = rows["prev_x"]
-    cmp = observed & torch.isfinite(prev)
-    rep = cmp & (x == prev)
-    m = rows["rep_n"].clamp(max=cfg.norm_window)
-    p = (rows["rep_ew"] * m + 1) / (m + 2)
-    run = torch.where(rep, rows["run"] + 1, torch.where(cmp, 0.0, rows["run"]))
-    lik = torch.where(run > 0, -torch.expm1(run * torch.log(p)), 0.0).amax(1)
-    n_new = rows["rep_n"] + cmp.to(F64)
-    alpha = torch.where(cmp, 1.0 / n_new.clamp(min=1, max=cfg.norm_window), 0.0)
-    upd = {
-        "prev_x": torch.where(observed, x, prev),
-        "rep_n": n_new,
-        "rep_ew": rows["rep_ew"] + alpha * (rep.to(F64) - rows["rep_ew"]),
-        "run": run,
-    }
-    return lik, upd
-
-
 def stuck_log_tail(
     rows: Mapping[str, torch.Tensor], x: torch.Tensor, observed: torch.Tensor, cfg: ScorerConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`stuck_likelihood` in log space: returns (log p^r minimised over channels (B,), updates);
-    likelihood = 1 − exp(returned value)."""
+    """Stuck-sensor tail: r = current run of identical values on a channel, p = its Laplace-smoothed
+    repeat rate before this reading. Returns (log p^r, minimised over channels (B,), state updates);
+    the stuck likelihood is 1 − exp(returned value)."""
     prev = rows["prev_x"]
     cmp = observed & torch.isfinite(prev)
     rep = cmp & (x == prev)

@@ -19,8 +19,8 @@ from sensorwatch.training.trainer import TrainConfig, Trainer
 
 
 def train_main(args: argparse.Namespace) -> int:
-    if args.device != "cpu" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
+    if args.device != "cpu":
+        print("error: --device cuda is not implemented yet (training runs on the CPU)", file=sys.stderr)
         return 2
     paths = [p for pattern in args.data for p in _expand(pattern)]
     if not paths:
