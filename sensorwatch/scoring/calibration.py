@@ -58,6 +58,8 @@ SURPRISE_TOP = 12.0
 #: (the last bin holds everything above 15.75 digits).
 SURPRISE_BIN = 0.25
 SURPRISE_BINS = 64
+#: Largest step (decimal digits) by which one reading may raise the maximum of the stuck-tail history.
+STUCK_MAX_STEP = 3.0
 #: Surprise a range-check hit stands for when it is damped or remembered (finite, above realistic tails).
 SURPRISE_CAP = 100.0
 
@@ -98,8 +100,10 @@ def calibration_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpe
         cols["run"] = ColumnSpec((channels,), F64)
     if cfg.empirical_surprise:
         k = 1 + int(cfg.point_likelihood) + int(cfg.stuck_check)
+        # History of each kind of surprise, from readings past warm-up only (``s_n`` of them).
         cols["s_hist"] = ColumnSpec((k, SURPRISE_BINS), F64)
         cols["s_max"] = ColumnSpec((k,), F64)
+        cols["s_n"] = ColumnSpec((), F64)
     if cfg.alert_dedup:
         cols["recent"] = ColumnSpec((cfg.alert_dedup,), F64)
     if cfg.calibrator == "threshold":
@@ -168,7 +172,11 @@ def stuck_log_tail(
 
 
 def empirical_surprise(
-    rows: Mapping[str, torch.Tensor], surprise: torch.Tensor, n: torch.Tensor, cfg: ScorerConfig
+    rows: Mapping[str, torch.Tensor],
+    surprise: torch.Tensor,
+    learn: torch.Tensor,
+    cfg: ScorerConfig,
+    max_step: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Recalibrate model surprises (B, K), each kind separately, against the device's own history.
 
@@ -181,6 +189,10 @@ def empirical_surprise(
     reading ever seen, the excess in decimal digits. A per-device histogram of ``SURPRISE_BINS``
     bins of ``SURPRISE_BIN`` digits holds the history (linear binning and interpolation, so
     scores are continuous in the surprise).
+
+    Only readings in ``learn`` (B,) — scored and past warm-up — enter the history (``s_n`` counts
+    them): residuals of a model whose normaliser has not settled yet would set the "most surprising
+    reading seen" so high that no later anomaly could exceed it.
     """
     w = SURPRISE_BIN
     s = surprise.clamp_min(0.0)
@@ -191,17 +203,30 @@ def empirical_surprise(
     h = rows["s_hist"][:, : s.shape[1]]
     tail_incl = torch.flip(torch.cumsum(torch.flip(h, [2]), 2), [2])
     exceed = (tail_incl.gather(2, b)[..., 0] - h.gather(2, b)[..., 0] * frac).clamp_min(0.0)
-    m = torch.clamp(n, max=cfg.likelihood_long)[:, None]
+    s_n = rows["s_n"]
+    m = torch.clamp(s_n, max=cfg.likelihood_long)[:, None]
     r = (exceed * m + 1) / (m + 1)
     s_max = rows["s_max"][:, : s.shape[1]]
     s_cal = -torch.log10(r) + (s - s_max).clamp_min(0.0)
-    alpha = (1.0 / torch.clamp(n + 1, max=cfg.likelihood_long))[:, None, None]
+    lrn = learn.to(F64)
+    alpha = (lrn / torch.clamp(s_n + 1, max=cfg.likelihood_long))[:, None, None]
+    if max_step is not None:
+        # The history learns at most ``max_step`` digits beyond its maximum per reading.
+        s = torch.minimum(s, s_max + max_step)
+        pos = s / w
+        b = pos.floor().clamp(max=SURPRISE_BINS - 1)
+        frac = (pos - b).clamp(0.0, 1.0)
+        b = b.long()[..., None]
     # Linear (soft) binning: the mass is split between the bin and the next one, so the history, and
     # every later score, moves continuously with the surprise (no jump at a bin edge).
     b1 = (b[..., 0] + 1).clamp(max=SURPRISE_BINS - 1)
     onehot = torch.nn.functional.one_hot(b[..., 0], SURPRISE_BINS).to(h.dtype) * (1 - frac)[..., None]
     onehot = onehot + torch.nn.functional.one_hot(b1, SURPRISE_BINS).to(h.dtype) * frac[..., None]
-    upd = {"s_hist": h + alpha * (onehot - h), "s_max": torch.maximum(s_max, s)}
+    upd = {
+        "s_hist": h + alpha * (onehot - h),
+        "s_max": torch.where(learn[:, None], torch.maximum(s_max, s), s_max),
+        "s_n": s_n + lrn,
+    }
     return s_cal, upd
 
 
@@ -289,7 +314,13 @@ def calibrate(
     surprises = -torch.stack(log_tails, 1) / LN10  # (B, K): short-term [, point] [, stuck]
     cal_rows: dict[str, torch.Tensor] = {}
     if cfg.empirical_surprise:
-        surprises, cal_rows = empirical_surprise(rows, surprises, n, cfg)
+        # The stuck tail grows by log10(1/p) digits with every reading of a run; its history may follow
+        # a run only ``STUCK_MAX_STEP`` digits per reading, so a long run of a rarely repeating sensor
+        # still escalates while the runs of a routinely repeating one are absorbed.
+        step = torch.full((surprises.shape[1],), math.inf, dtype=F64, device=surprises.device)
+        if cfg.stuck_check:
+            step[-1] = STUCK_MAX_STEP
+        surprises, cal_rows = empirical_surprise(rows, surprises, scored & armed, cfg, step)
         # Bonferroni: the most surprising of K recalibrated tails.
         surprise = (surprises.amax(1) - math.log10(surprises.shape[1])).clamp_min(0.0)
     else:

@@ -101,11 +101,11 @@ class ScorerConfig(BaseModel):
         "is p has likelihood 1 − p^r (Laplace-smoothed p), so a noisy sensor that freezes is caught.",
     )
     empirical_surprise: bool = Field(
-        False,
+        True,
         description="Recalibrate the model's surprise (−log10 of the point / short-term tail) against the "
         "device's own history over likelihood_long readings: −log10 of the fraction of past readings at "
-        "least as surprising, plus the excess over the most surprising reading seen. Makes surprises "
-        "comparable across heavy-tailed and near-deterministic devices.",
+        "least as surprising, plus the excess over the most surprising reading seen (history from readings "
+        "past warm-up only). Makes surprises comparable across heavy-tailed and near-deterministic devices.",
     )
     alert_dedup: int | None = Field(
         None,

@@ -33,13 +33,15 @@ def test_empirical_surprise_discounts_a_device_that_is_always_surprised() -> Non
     cfg = ScorerConfig(empirical_surprise=True)
     rows = _rows(cfg, 2)
     k = rows["s_max"].shape[1]
-    for i in range(500):
+    learn = torch.ones(2, dtype=torch.bool)
+    for _ in range(500):
         # Device 0 sees a surprise of 10 digits on every reading; device 1 sees 0.
         s = torch.tensor([[10.0] * k, [0.0] * k], dtype=torch.float64)
-        out, upd = cal.empirical_surprise(rows, s, torch.full((2,), float(i), dtype=torch.float64), cfg)
+        out, upd = cal.empirical_surprise(rows, s, learn, cfg)
         rows.update(upd)
+    assert rows["s_n"].tolist() == [500.0, 500.0]
     probe = torch.tensor([[10.0] * k, [10.0] * k], dtype=torch.float64)
-    out, _ = cal.empirical_surprise(rows, probe, torch.full((2,), 500.0, dtype=torch.float64), cfg)
+    out, _ = cal.empirical_surprise(rows, probe, learn, cfg)
     assert out[0, 0] < 0.5  # routine for device 0
     assert out[1, 0] > math.log10(501)  # beyond anything device 1 has seen
 
