@@ -101,11 +101,13 @@ class ScorerConfig(BaseModel):
         "is p has likelihood 1 − p^r (Laplace-smoothed p), so a noisy sensor that freezes is caught.",
     )
     empirical_surprise: bool = Field(
-        True,
+        False,
         description="Recalibrate the model's surprise (−log10 of the point / short-term tail) against the "
         "device's own history over likelihood_long readings: −log10 of the fraction of past readings at "
         "least as surprising, plus the excess over the most surprising reading seen (history from readings "
-        "past warm-up only). Makes surprises comparable across heavy-tailed and near-deterministic devices.",
+        "past warm-up only). Makes surprises comparable across heavy-tailed and near-deterministic devices. "
+        "Off by default: it raises NAB (36 → 49 with the built-in model) but costs ~3.6× throughput "
+        "(64-bin histograms per kind) and lowers recall on the simulated fleet.",
     )
     alert_dedup: int | None = Field(
         None,
