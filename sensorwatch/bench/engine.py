@@ -156,14 +156,14 @@ def main(
 ) -> int:
     print(HEADER, flush=True)
     report = run(devices, model_ref=model_ref, trials=trials, min_s=min_s)
+    text = json.dumps(report, indent=2)
+    if json_out:  # written before anything else is printed: a closed stdout must not lose it
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(text + "\n")
     a = report["architecture"]
     print(
         f"model {report['model']} ({a['cell']} h={a['hidden_size']} L={a['num_layers']} C={a['channels']}), "
         f"torch {report['torch']} threads={report['torch_threads']}, median of {trials} trials"
     )
-    text = json.dumps(report, indent=2)
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(text + "\n")
     print(text)
     return 0
