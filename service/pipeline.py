@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from sensorwatch.artifacts import DEFAULT_MODEL, ArtifactError, load_default_or_builtin, load_model
+from sensorwatch.artifacts import DEFAULT_MODEL, ArtifactError, load_default_or_builtin, load_model, resolve
+from sensorwatch.model.forecaster import BUILTIN_VERSION
 from sensorwatch.scoring.batch import Reading, StepResult
 from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.scoring.scorer import StreamScorer
@@ -54,11 +56,9 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.lock = threading.RLock()
-        if settings.model == DEFAULT_MODEL:
-            # The shipped default, or the documented built-in fallback while none is shipped.
-            model, version = load_default_or_builtin(None, settings.models_dir, channels=1)
-        else:
-            model, version = load_default_or_builtin(settings.model, settings.models_dir, channels=1)
+        # The default name falls back to the documented built-in model when no artifact is shipped.
+        ref = None if settings.model == DEFAULT_MODEL else settings.model
+        model, version = load_default_or_builtin(ref, settings.models_dir, channels=1)
         log.info("serving model %s", version)
         self.model_name, self.model_ref = _split_ref(version)
         self.sha256 = _sha_of(version, settings.models_dir)
@@ -156,10 +156,11 @@ def _split_ref(ref: str) -> tuple[str, str]:
 
 
 def _sha_of(ref: str, models_dir: Path) -> str | None:
-    try:
-        return load_model(ref, models_dir).sha256
-    except ArtifactError:
+    """The weights' sha256 from the card (already verified when the model was loaded)."""
+    if ref == BUILTIN_VERSION:
         return None  # the built-in fallback has no artifact
+    card = json.loads((resolve(ref, models_dir) / "card.json").read_text())
+    return str(card["sha256"])
 
 
 class QueueFull(RuntimeError):
