@@ -1,8 +1,9 @@
 """Event recall and false-positive rate on the simulated fleet (seeded), per anomaly kind.
 
-python scripts/eval_simulated.py [MODEL ...] — MODEL is a model reference (``univariate``,
-``machine8``) or ``builtin``. An anomaly event counts as caught when any reading from its start to 5
-readings after its end is flagged; false positives are flagged readings outside events, after the
+python scripts/eval_simulated.py [--point] [MODEL ...] — MODEL is a model reference
+(``univariate``, ``machine8``) or ``builtin``; ``--point`` turns on the opt-in ``point_likelihood``.
+An anomaly event counts as caught when any reading from its start to 5 readings after its end is
+flagged; false positives are flagged readings outside events, after the
 first 400 readings of each device. The fleet is a different seed from the models' training data.
 """
 
@@ -13,20 +14,20 @@ import time
 
 import numpy as np
 
-from sensorwatch import ReadingBatch, StreamScorer
+from sensorwatch import ReadingBatch, ScorerConfig, StreamScorer
 from sensorwatch.artifacts import load_model
 from sensorwatch.simulate import Fleet
 
 DEVICES, READINGS, SKIP = 300, 3000, 400
 
 
-def evaluate(ref: str, channels: int) -> str:
+def evaluate(ref: str, channels: int, config: ScorerConfig) -> str:
     if ref == "builtin":
-        scorer = StreamScorer.builtin(channels=channels)
+        scorer = StreamScorer.builtin(channels=channels, config=config)
     else:
         m = load_model(ref)
         channels = m.model.config.channels
-        scorer = StreamScorer(m.model, model_version=m.ref)
+        scorer = StreamScorer(m.model, config, model_version=m.ref)
     fleet = Fleet(devices=DEVICES, channels=channels, seed=3, anomaly_rate=0.002)
     labels = np.zeros((READINGS, DEVICES), dtype=object)
     flags = np.zeros((READINGS, DEVICES), bool)
@@ -63,5 +64,8 @@ def evaluate(ref: str, channels: int) -> str:
 if __name__ == "__main__":
     print("| model | channels | caught / events per kind | false positives per 1000 normal readings | time |")
     print("|---|---|---|---|---|")
-    for ref in sys.argv[1:] or ["builtin", "univariate", "machine8"]:
-        print(evaluate(ref, 1), flush=True)
+    args = sys.argv[1:]
+    point = "--point" in args
+    config = ScorerConfig(point_likelihood=point)
+    for ref in [a for a in args if a != "--point"] or ["builtin", "univariate", "machine8"]:
+        print(evaluate(ref, 1, config), flush=True)

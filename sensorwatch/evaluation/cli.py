@@ -35,7 +35,8 @@ def evaluate(
     model, version = load_default_or_builtin(model_ref, models_dir, channels=1)
     scorer = StreamScorer(model, config or ScorerConfig(), model_version=version)
     t0 = time.monotonic()
-    scores = stream_scores(files, scorer, progress=_bar if progress else None)
+    bar = _FileBar(sorted(f.n for f in files)) if progress else None
+    scores = stream_scores(files, scorer, progress=bar)
     elapsed = time.monotonic() - t0
     scores = {k: np.nan_to_num(v, nan=0.0) for k, v in scores.items()}
     results = score_all_profiles(files, scores)
@@ -54,14 +55,33 @@ def evaluate(
     return report, scores, files
 
 
-def _bar(done: int, total: int) -> None:
-    if done % 500 and done != total:
-        return
-    frac = done / max(total, 1)
-    sys.stderr.write(f"\rstreaming [{'#' * int(30 * frac):<30}] {100 * frac:5.1f}% rows {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class _FileBar:
+    """Progress over files (files stream side by side, so a file is done when its last row is),
+    with rows/s and an ETA, on stderr."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.t0 = time.monotonic()
+        self.shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        files_done = int(np.searchsorted(self.lengths, done, side="right"))
+        if files_done == self.shown and done % 1000 and done != total:
+            return
+        self.shown = files_done
+        n = len(self.lengths)
+        rows = sum(min(length, done) for length in self.lengths)
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        left = sum(self.lengths) - rows
+        eta = left / max(rows / elapsed, 1e-9)
+        frac = files_done / max(n, 1)
+        sys.stderr.write(
+            f"\rfiles [{'#' * int(30 * frac):<30}] {files_done}/{n}  "
+            f"{rows / elapsed:,.0f} rows/s  ETA {eta:4.0f} s"
+        )
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def evaluate_main(args: argparse.Namespace) -> int:

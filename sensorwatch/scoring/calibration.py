@@ -14,8 +14,9 @@ Pipeline for a batch of B readings of B distinct devices (every function works o
    reading's own residual, with ``stuck_check`` the stuck-run tail p^r. All tails stay in log space
    (``log_ndtr``) and are combined as the smallest tail → **surprise** S = −log10(tail) (decimal
    digits, unbounded). Optionally (``empirical_surprise``) each kind of surprise is first
-   recalibrated against the device's own history (conformal, Bonferroni over the kinds), and
-   (``alert_dedup``) readings no more surprising than a recent one are damped (one alert per episode).
+   recalibrated against the device's own history (conformal, Bonferroni over the kinds). Numenta's
+   alert filter (``alert_filter``) then lowers a red reading that follows a red reading (one alert
+   per episode).
    likelihood = :func:`surprise_to_likelihood` (S): exactly 1 − 10^(−S) up to S = 8, compressed
    above so that it never rounds to 1.0 in float64 — the column is order-preserving without ties.
 4. **Range check**: a value outside the device's range so far by more than ``range_margin`` of the
@@ -104,8 +105,8 @@ def calibration_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpe
         cols["s_hist"] = ColumnSpec((k, SURPRISE_BINS), F64)
         cols["s_max"] = ColumnSpec((k,), F64)
         cols["s_n"] = ColumnSpec((), F64)
-    if cfg.alert_dedup:
-        cols["recent"] = ColumnSpec((cfg.alert_dedup,), F64)
+    if cfg.alert_filter:
+        cols["prev_s"] = ColumnSpec((), F64)
     if cfg.calibrator == "threshold":
         cols["eps"] = ColumnSpec((), F64, math.inf)
         # The ring of smoothed scores is updated in place (never gathered whole on the hot path).
@@ -230,6 +231,29 @@ def empirical_surprise(
     return s_cal, upd
 
 
+def alert_filter(
+    surprise: torch.Tensor, prev: torch.Tensor, cfg: ScorerConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numenta's red/yellow filter on surprises (B,): returns (filtered surprise, new ``prev``).
+
+    A reading at least ``filter_red`` digits surprising whose predecessor (unfiltered) also was is
+    lowered to ``filter_yellow · S / (S + 1)`` digits (< ``filter_yellow``, order-preserving, so
+    the filter creates no ties). Range-check hits (S = ∞) are never lowered. NAB counts every alert
+    row outside a window as a false positive, and a sustained deviation keeps the short-term mean
+    high for ``likelihood_short`` readings: this keeps the first alert of such a run only.
+
+    >>> import torch
+    >>> from sensorwatch.scoring.config import ScorerConfig
+    >>> s = torch.tensor([6.0, 7.0, 2.0, float("inf")], dtype=torch.float64)
+    >>> out, prev = alert_filter(s, torch.tensor([0.0, 5.5, 9.0, 9.0], dtype=torch.float64), ScorerConfig())
+    >>> [round(v, 3) for v in out.tolist()], prev.tolist()
+    ([6.0, 2.625, 2.0, inf], [6.0, 7.0, 2.0, 100.0])
+    """
+    red = (surprise >= cfg.filter_red) & (prev >= cfg.filter_red) & torch.isfinite(surprise)
+    lowered = cfg.filter_yellow * surprise / (surprise + 1.0)
+    return torch.where(red, lowered, surprise), surprise.clamp(max=SURPRISE_CAP)
+
+
 def raw_score(z: torch.Tensor, scored: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw score (B,) in [0, 1) and attribution (B, C) summing to 1 from residuals ``z`` (B, C).
 
@@ -327,15 +351,8 @@ def calibrate(
         surprise = surprises.amax(1)
     # A range-check hit is the top value.
     surprise = torch.where(out_of_range, math.inf, surprise)
-    if cfg.alert_dedup:
-        # One alert per episode: a reading counts in full only when it is more surprising than every
-        # reading of the last ``alert_dedup`` (scored) readings of this device, else it is damped.
-        capped = surprise.clamp(max=SURPRISE_CAP)
-        recent = rows["recent"].amax(1)
-        surprise = torch.where(surprise > recent, surprise, cfg.dedup_damping * capped)
-        rpos = (n % cfg.alert_dedup).long()
-        recent_ring = rows["recent"].clone()
-        recent_ring.scatter_(1, rpos[:, None], torch.where(scored, capped, 0.0)[:, None])
+    if cfg.alert_filter:
+        surprise, prev_s = alert_filter(surprise, rows["prev_s"], cfg)
     likelihood = surprise_to_likelihood(surprise)
     new_lo = torch.where(observed, torch.minimum(lo, x), lo)
     new_hi = torch.where(observed, torch.maximum(hi, x), hi)
@@ -347,8 +364,8 @@ def calibrate(
         "lt_mean": lt_mean,
         "lt_var": lt_var,
     }
-    if cfg.alert_dedup:
-        new["recent"] = recent_ring
+    if cfg.alert_filter:
+        new["prev_s"] = prev_s
     new.update(cal_rows)
     keep = {k: torch.where(_bcast(scored, v), v, rows[k]) for k, v in new.items()}
     keep["rng_lo"], keep["rng_hi"] = new_lo, new_hi
@@ -363,7 +380,9 @@ def calibrate(
         keep["eps"] = rows["eps"]
     else:
         threshold = torch.full_like(likelihood, cfg.likelihood_threshold)
-        decision = likelihood >= cfg.likelihood_threshold
+        # A stuck run or an out-of-range reading stays flagged for as long as it lasts, even where
+        # the alert filter lowered its likelihood (the likelihood ranks alerts; the flag is a state).
+        decision = (likelihood >= cfg.likelihood_threshold) | hard
     return CalibrationOut(smoothed, threshold, likelihood, decision & scored & armed, keep)
 
 

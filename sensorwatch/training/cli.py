@@ -15,21 +15,23 @@ from sensorwatch.artifacts import list_models, load_model, save_model
 from sensorwatch.model.forecaster import ForecasterConfig
 from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.training.data import fingerprint, read_series
-from sensorwatch.training.trainer import TrainConfig, Trainer
+from sensorwatch.training.trainer import TrainConfig, Trainer, resolve_device
 
 
 def train_main(args: argparse.Namespace) -> int:
-    if args.device != "cpu":
-        print("error: --device cuda is not implemented yet (training runs on the CPU)", file=sys.stderr)
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     paths = [p for pattern in args.data for p in _expand(pattern)]
     if not paths:
-        print("error: no CSV files matched --data", file=sys.stderr)
+        print("error: no CSV or Parquet files matched --data", file=sys.stderr)
         return 2
     series = [read_series(p) for p in paths]
     channels = series[0].channels
     if any(s.channels != channels for s in series):
-        print("error: every CSV must have the same channel columns", file=sys.stderr)
+        print("error: every file must have the same channel columns", file=sys.stderr)
         return 2
     arch = ForecasterConfig(
         cell=args.cell,
@@ -45,8 +47,11 @@ def train_main(args: argparse.Namespace) -> int:
         lr=args.lr,
         patience=args.patience,
         seed=args.seed,
+        device=args.device,
     )
-    torch.use_deterministic_algorithms(True)
+    # On CUDA some kernels have no deterministic version: warn instead of failing there (the CPU is the
+    # reproducible path; a GPU run is seeded but not bit-for-bit).
+    torch.use_deterministic_algorithms(True, warn_only=args.device != "cpu")
     # Float reductions depend on the thread count: one thread makes the weights (and the card's sha256)
     # the same on every machine, not just on machines with the same number of cores.
     torch.set_num_threads(1)
@@ -77,7 +82,7 @@ def train_main(args: argparse.Namespace) -> int:
 def _expand(pattern: str) -> list[Path]:
     p = Path(pattern)
     if p.is_dir():
-        return sorted(p.glob("*.csv"))
+        return sorted([*p.glob("*.csv"), *p.glob("*.parquet")])
     if any(ch in pattern for ch in "*?["):
         return sorted(Path().glob(pattern))
     return [p]
@@ -147,7 +152,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--patience", type=int, default=3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    t.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (bit-for-bit reproducible) or cuda (seeded, not bit-for-bit)",
+    )
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/.checkpoint")
     t.set_defaults(func=train_main)
 

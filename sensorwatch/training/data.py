@@ -1,4 +1,5 @@
-"""Training data: one CSV per device (``timestamp`` + one column per channel) → padded tensors.
+"""Training data: one CSV or Parquet file per device (``timestamp`` + one column per channel) → padded
+tensors.
 
 Features are built with :func:`sensorwatch.scoring.features.featurize_sequence` — the same per-device
 normalisation, missing mask and Δt feature as streaming. The target of step t is reading t+1 in the
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sensorwatch.io.csvio import read_csv_chunks
+from sensorwatch.io.csvio import parse_csv_ts, read_csv_chunks
 from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.scoring.features import featurize_sequence
 
@@ -28,8 +29,10 @@ class Series:
 
 
 def read_series(path: str | Path) -> Series:
-    """One device's CSV; rows with an unparseable timestamp or out of order are dropped."""
+    """One device's CSV or Parquet file; rows with an unparseable timestamp or out of order are dropped."""
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return _clean(path, *_read_parquet(path))
     ts_parts, val_parts = [], []
     header: list[str] | None = None
     with open(path, newline="") as fh:
@@ -39,12 +42,48 @@ def read_series(path: str | Path) -> Series:
             val_parts.append(vals)
     if header is None:
         raise ValueError(f"{path}: no rows")
-    ts = np.concatenate(ts_parts)
-    values = np.concatenate(val_parts)
+    return _clean(path, header, np.concatenate(ts_parts), np.concatenate(val_parts))
+
+
+def _clean(path: Path, header: list[str], ts: np.ndarray, values: np.ndarray) -> Series:
+    values = np.array(values, dtype=np.float64)
     values[~np.isfinite(values)] = np.nan
     keep = np.isfinite(ts)
     keep[1:] &= np.diff(ts) > 0  # strictly increasing, as the streaming scorer requires
     return Series(path.stem, header[1:], ts[keep], values[keep])
+
+
+def _read_parquet(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``timestamp`` (a timestamp type, Unix seconds, or ISO-8601 strings) + numeric channel columns."""
+    try:
+        import pyarrow.parquet as pq  # optional: pip install 'sensorwatch[parquet]'
+    except ImportError:
+        raise ValueError(
+            f"{path}: Parquet input needs pyarrow (pip install 'sensorwatch[parquet]')"
+        ) from None
+    table = pq.read_table(path)
+    names = [str(n) for n in table.column_names]
+    if not names or names[0].strip().lower() != "timestamp" or len(names) < 2:
+        raise ValueError(f"{path}: the first column must be 'timestamp', then one column per channel")
+    col = table.column(0)
+    kind = str(col.type)
+    if kind.startswith("timestamp") or kind.startswith("date"):
+        import pyarrow as pa
+
+        # Naive timestamps are UTC (as in CSVs); nulls become NaN (unparseable → dropped).
+        us = col.cast(pa.timestamp("us")).cast(pa.int64())
+        ts = np.array([np.nan if v is None else v / 1e6 for v in us.to_pylist()], dtype=np.float64)
+    elif kind in ("string", "large_string"):
+        ts = np.array([parse_csv_ts(v) if v is not None else np.nan for v in col.to_pylist()])
+    else:
+        ts = col.cast("double").to_numpy(zero_copy_only=False)
+    try:
+        values = np.stack(
+            [table.column(i).cast("double").to_numpy(zero_copy_only=False) for i in range(1, len(names))], 1
+        )
+    except Exception as exc:  # pyarrow raises several types for a non-numeric column
+        raise ValueError(f"{path}: channel columns must be numeric ({exc})") from None
+    return names, np.asarray(ts, dtype=np.float64), values
 
 
 def fingerprint(series: list[Series]) -> str:
@@ -70,6 +109,10 @@ class Tensors:
     targets: torch.Tensor
     mask: torch.Tensor
     lengths: torch.Tensor
+
+    def to(self, device: torch.device) -> Tensors:
+        """Features, targets and mask on ``device``; lengths stay on the CPU (packing needs them there)."""
+        return Tensors(self.features.to(device), self.targets.to(device), self.mask.to(device), self.lengths)
 
 
 def build_tensors(series: list[Series], cfg: ScorerConfig) -> Tensors:

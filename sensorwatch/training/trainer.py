@@ -46,6 +46,7 @@ class TrainConfig:
     patience: int = 3
     val_frac: float = 0.2
     seed: int = 0
+    device: str = "cpu"
 
 
 @dataclass
@@ -95,7 +96,9 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress or _stderr_progress
         torch.manual_seed(train_cfg.seed)
-        self.model = Forecaster(arch)
+        self.device = resolve_device(train_cfg.device)
+        # Weights are initialised on the CPU (same seed → same initial weights on any device).
+        self.model = Forecaster(arch).to(self.device)
         self.opt = torch.optim.Adam(
             self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
         )
@@ -112,6 +115,7 @@ class Trainer:
         val_t = build_tensors(val_s, self.scorer_cfg)
         cut = torch.tensor([max(len(s.ts) - 1, 0) for s in train_s])
         val_t.mask &= (torch.arange(val_t.mask.shape[1])[None, :] >= cut[:, None])[..., None]
+        train_t, val_t = train_t.to(self.device), val_t.to(self.device)
         start_epoch = self._load_checkpoint() if resume else 0
         t0 = time.monotonic()
         for epoch in range(start_epoch, self.cfg.epochs):
@@ -135,7 +139,8 @@ class Trainer:
                 break
         if self._best_state:
             self.model.load_state_dict(self._best_state)
-        self.model.eval()
+        self.model.cpu().eval()  # artifacts and the streaming scorer take CPU weights
+        self.result.model = self.model
         return self.result
 
     def _epoch(self, t: Tensors, epoch: int, t0: float, start_epoch: int) -> float:
@@ -155,15 +160,18 @@ class Trainer:
 
     def _windows(self, t: Tensors, rows: torch.Tensor, train: bool) -> Any:
         """Stateful truncated BPTT over the batch ``rows``; yields each window's loss."""
-        feats, targets, mask, lengths = t.features[rows], t.targets[rows], t.mask[rows], t.lengths[rows]
+        rows_d = rows.to(self.device)
+        feats, targets, mask = t.features[rows_d], t.targets[rows_d], t.mask[rows_d]
+        lengths = t.lengths[rows]  # lengths stay on the CPU (packed sequences need them there)
         state = self.model.initial_state(len(rows))
         for w in range(0, int(lengths.max()), self.cfg.bptt):
             lens = (lengths - w).clamp(0, self.cfg.bptt)
             act = lens > 0
+            act_d = act.to(self.device)
             sl = slice(w, w + int(lens.max()))
-            st = {k: v[act] for k, v in state.items()}
-            mean, scale, new = self.model(feats[act, sl], lens[act], st)
-            per_seq, has = sequence_nll(mean, scale, targets[act, sl], mask[act, sl])
+            st = {k: v[act_d] for k, v in state.items()}
+            mean, scale, new = self.model(feats[act_d, sl], lens[act], st)
+            per_seq, has = sequence_nll(mean, scale, targets[act_d, sl], mask[act_d, sl])
             if bool(has.any()):
                 loss = per_seq[has].mean()
                 if train:
@@ -174,15 +182,16 @@ class Trainer:
                 yield float(loss.detach())
             state = {k: v.detach().clone() for k, v in state.items()}
             for k in state:
-                state[k][act] = new[k].detach()
+                state[k][act_d] = new[k].detach()
 
     @torch.no_grad()
     def _validate(self, t: Tensors) -> float:
         self.model.eval()
         feats, targets, mask, lengths = t.features, t.targets, t.mask, t.lengths
         keep = lengths > 0
-        mean, scale, _ = self.model(feats[keep], lengths[keep])
-        per_seq, has = sequence_nll(mean, scale, targets[keep], mask[keep])
+        keep_d = keep.to(self.device)
+        mean, scale, _ = self.model(feats[keep_d], lengths[keep])
+        per_seq, has = sequence_nll(mean, scale, targets[keep_d], mask[keep_d])
         return float(per_seq[has].mean()) if bool(has.any()) else math.nan
 
     def _report(self, epoch: int, frac: float, loss: float, t0: float, start_epoch: int) -> None:
@@ -205,12 +214,12 @@ class Trainer:
             return
         d = self.checkpoint_dir
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        tensors.update({f"best.{k}": v.contiguous() for k, v in self._best_state.items()})
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in self._best_state.items()})
         opt_state = self.opt.state_dict()
         for i, st in opt_state["state"].items():
             for k, v in st.items():
-                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
+                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().clone().contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {
             "epoch": epoch,
@@ -232,7 +241,7 @@ class Trainer:
 
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["meta"])
-        tensors = load_file(str(path))
+        tensors = load_file(str(path), device=str(self.device))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self._best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         opt_state = self.opt.state_dict()
@@ -244,13 +253,30 @@ class Trainer:
                     if f"opt.{i}.{k}" in tensors
                 }
         self.opt.load_state_dict(opt_state)
-        torch.set_rng_state(tensors["rng.torch"])
+        torch.set_rng_state(tensors["rng.torch"].cpu())
         self.rng.bit_generator.state = meta["numpy_rng"]
         self.result.best_val, self.result.best_epoch = meta["best_val"], meta["best_epoch"]
         self.result.history = meta["history"]
         self._bad_epochs = meta["bad_epochs"]
         self.progress(f"resumed after epoch {meta['epoch']}\n")
         return int(meta["epoch"])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda[:N]``; a clear error when CUDA is asked for but not usable here.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name}: CUDA is not available (this torch build or machine has no GPU); "
+            "train with --device cpu (also the only bit-for-bit reproducible path)"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: use cpu or cuda[:N]")
+    return dev
 
 
 def _stderr_progress(msg: str) -> None:

@@ -1,5 +1,5 @@
 """Calibration details behind the NAB evaluation: an order-preserving likelihood without ties,
-per-device empirical recalibration of surprises and one alert per episode."""
+per-device empirical recalibration of surprises and one alert per episode (Numenta's filter)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,13 @@ def test_empirical_surprise_discounts_a_device_that_is_always_surprised() -> Non
     assert out[1, 0] > math.log10(501)  # beyond anything device 1 has seen
 
 
-def _episode(alert_dedup: int | None) -> list[float]:
-    cfg = ScorerConfig(alert_dedup=alert_dedup, stuck_check=False, range_margin=None)
+def _episode(alert_filter: bool) -> list[float]:
+    cfg = ScorerConfig(alert_filter=alert_filter, stuck_check=False, range_margin=None)
     rows = _rows(cfg, 1)
     liks = []
     for i in range(300):
-        raw = {200: 0.999, 203: 0.99}.get(i, 0.01 * (i % 7) / 7)
+        # A sustained deviation from reading 200 on: the short-term mean stays high for a while.
+        raw = 0.999 if 200 <= i < 206 else 0.01 * (i % 7) / 7
         co = cal.calibrate(
             rows,
             torch.tensor([raw], dtype=torch.float64),
@@ -66,12 +67,18 @@ def _episode(alert_dedup: int | None) -> list[float]:
     return liks
 
 
-def test_alert_dedup_damps_the_rest_of_an_episode() -> None:
-    on = -torch.log10(1 - torch.tensor(_episode(20)[200:240], dtype=torch.float64))
-    off = -torch.log10(1 - torch.tensor(_episode(None)[200:240], dtype=torch.float64))
-    assert on[0] > 4
-    assert on[0] == off[0]
-    assert (on <= off).all()  # nothing is amplified
-    # A smaller spike 3 readings later belongs to the same episode: damped.
-    assert on[3] < off[3]
-    assert off[3] > 0
+def test_alert_filter_keeps_the_first_red_reading_of_a_run() -> None:
+    cfg = ScorerConfig()
+    on = -torch.log10(1 - torch.tensor(_episode(True)[195:215], dtype=torch.float64))
+    off = -torch.log10(1 - torch.tensor(_episode(False)[195:215], dtype=torch.float64))
+    red = off >= cfg.filter_red
+    assert red.sum() >= 3  # the unfiltered run has several red readings in a row
+    first = int(torch.nonzero(red)[0])
+    assert on[first] == off[first]  # the first alert of the run stands
+    follow = red.clone()
+    follow[first] = False
+    follow &= torch.roll(red, 1)
+    assert (on[follow] < cfg.filter_yellow).all()  # the rest of the run is lowered below yellow
+    assert (on[~follow] == off[~follow]).all()  # nothing else changes
+    # Order among lowered readings is kept (no ties created by the filter).
+    assert torch.equal(torch.argsort(on[follow]), torch.argsort(off[follow]))

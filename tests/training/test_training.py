@@ -100,3 +100,88 @@ def test_train_command_writes_a_loadable_artifact(tmp_path: Path) -> None:
     assert len(card["training"]["data_sha256"]) == 64
     assert card["validation"]["nll"] == pytest.approx(min(h["val_nll"] for h in card["training"]["history"]))
     assert cli(["models", "show", "tiny", "--models-dir", str(tmp_path / "models")]) == 0
+
+
+def test_parquet_and_csv_of_the_same_series_read_alike(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")  # in the dev extra, so it runs in `make test`
+    import pyarrow.parquet as pq
+
+    from sensorwatch.training.data import read_series
+
+    ts = 1.7e9 + 60.0 * np.arange(5)
+    vals = np.array([[1.0, 10.0], [2.0, np.nan], [3.0, 30.0], [4.0, 40.0], [5.0, 50.0]])
+    stamps = np.datetime_as_string((ts * 1e6).astype("datetime64[us]"), unit="s")
+    csv_path = tmp_path / "dev.csv"
+    rows = ["timestamp,a,b"] + [
+        f"{s},{a:g},{'' if np.isnan(b) else f'{b:g}'}" for s, (a, b) in zip(stamps, vals, strict=True)
+    ]
+    csv_path.write_text("\n".join(rows) + "\n")
+    from_csv = read_series(csv_path)
+    for name, col in {
+        "timestamp-type": pa.array((ts * 1e6).astype("datetime64[us]")),
+        "unix-seconds": pa.array(ts),
+        "iso-strings": pa.array([str(s) for s in stamps]),
+    }.items():
+        table = pa.table(
+            {
+                "timestamp": col,
+                "a": vals[:, 0],
+                "b": pa.array([None if np.isnan(b) else b for b in vals[:, 1]]),
+            }
+        )
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table, path)
+        got = read_series(path)
+        assert got.channels == ["a", "b"], name
+        np.testing.assert_array_equal(got.ts, from_csv.ts, err_msg=name)
+        np.testing.assert_array_equal(got.values, from_csv.values, err_msg=name)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"time": ts, "a": vals[:, 0]}), bad)
+    with pytest.raises(ValueError, match="first column must be 'timestamp'"):
+        read_series(bad)
+
+
+def test_train_command_takes_parquet_files(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "pq"
+    data.mkdir()
+    for i in range(3):
+        n = 200
+        ts = 1.7e9 + 60.0 * np.arange(n)
+        pq.write_table(
+            pa.table({"timestamp": ts, "ch0": np.sin(np.arange(n) / 9 + i) + 0.05 * rng.standard_normal(n)}),
+            data / f"d{i}.parquet",
+        )
+    out = tmp_path / "models" / "pq"
+    assert (
+        cli(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--hidden",
+                "4",
+                "--epochs",
+                "1",
+                "--bptt",
+                "64",
+            ]
+        )
+        == 0
+    )
+    card = json.loads((out / "1" / "card.json").read_text())
+    assert card["training"]["files"] == 3
+    assert card["training"]["readings"] == 600
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--device", "cuda"]
+    assert cli(args) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
