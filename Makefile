@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck pytest bench run clean broker models
+.PHONY: venv test lint typecheck pytest bench run clean broker models prometheus promtool
 
 # (Re)create the virtual environment when pyproject.toml changes.  The CPU build of torch is
 # installed first and pinned so that no dependency pulls a multi-GB CUDA build.
@@ -22,6 +22,16 @@ venv: $(STAMP)
 broker:
 	bash scripts/ensure-mosquitto.sh
 
+# promtool + prometheus binaries (Debian package; tests/ops runs a real Prometheus on a free port).
+prometheus:
+	bash scripts/ensure-prometheus.sh
+
+# The shipped Prometheus config and alert rules: syntax, then the rules' unit tests.
+promtool: prometheus
+	promtool check config docker/prometheus/prometheus.yml
+	promtool check rules docker/prometheus/rules/*.yml
+	cd docker/prometheus/tests && promtool test rules *.yml
+
 lint: $(STAMP)
 	$(BIN)/ruff check sensorwatch service tests scripts
 	$(BIN)/ruff format --check sensorwatch service tests scripts
@@ -29,10 +39,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy sensorwatch service
 
-pytest: $(STAMP) broker
+pytest: $(STAMP) broker prometheus
 	$(BIN)/pytest -q
 
-test: lint typecheck pytest
+test: lint typecheck promtool pytest
 
 bench: $(STAMP)
 	$(BIN)/sensorwatch bench engine --json out/bench-engine.json

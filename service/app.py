@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, status
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.routing import Route
@@ -66,7 +68,25 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         description="Real-time sensor anomaly detection: per-device streaming recurrent state.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+
+    def rest_rejection(reason: str, count: int = 1) -> None:
+        """A REST request refused before its readings could be parsed or queued: counted like an MQTT
+        message refused whole (once per request when the readings are unknown)."""
+        metrics.readings.labels("rest", "rejected").inc(count)
+        metrics.rejections.labels(reason).inc(count)
+
+    def body_too_large(path: str) -> None:
+        if path == "/v1/score":
+            rest_rejection("payload_too_large")
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, on_reject=body_too_large)
+
+    @app.exception_handler(RequestValidationError)
+    async def count_bad_payloads(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path == "/v1/score":
+            rest_rejection("bad_payload")
+        return await request_validation_exception_handler(request, exc)
+
     # The prometheus_client ASGI app, routed at exactly /metrics (a Mount would redirect to /metrics/).
     app.router.routes.append(
         Route("/metrics", endpoint=_AsgiEndpoint(make_asgi_app(registry=metrics.registry)))
@@ -95,6 +115,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         """Score readings through the same path as MQTT: one result or rejection per reading, in order."""
         readings = [Reading(g.device_id, r.ts, r.values) for g in body.groups() for r in g.readings]
         if len(readings) > settings.max_request_readings:
+            rest_rejection("too_many_readings", len(readings))
             raise HTTPException(
                 413,
                 f"{len(readings)} readings > max_request_readings {settings.max_request_readings}",
@@ -207,9 +228,15 @@ Send = Callable[[Message], Awaitable[None]]
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` with 413 — by Content-Length, or while streaming."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        max_bytes: int,
+        on_reject: Callable[[str], None] = lambda path: None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -217,6 +244,7 @@ class BodyLimit:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            self.on_reject(scope.get("path", ""))
             await _too_large(send, self.max_bytes)
             return
         seen = 0
@@ -226,6 +254,8 @@ class BodyLimit:
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > self.max_bytes:
+                # Counted here: FastAPI usually answers the 413 itself (the exception never gets back).
+                self.on_reject(scope.get("path", ""))
                 raise _BodyTooLarge(self.max_bytes)
             return msg
 

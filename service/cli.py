@@ -46,16 +46,19 @@ def _simulate(args: argparse.Namespace) -> int:
 
     if not args.mqtt_url:
         return simulate_files(args)
-    return simulator.run(
-        args.mqtt_url,
-        devices=args.devices,
-        rate=args.rate,
-        channels=args.channels,
-        duration_s=args.duration,
-        seed=args.seed,
-        anomaly_rate=args.anomaly_rate,
-        labels_out=sys.stdout if args.labels else None,
-    )
+    # SIGTERM (docker stop, a supervisor) stops it as cleanly as Ctrl-C: flush, disconnect, exit 0.
+    with simulator.stop_on_signals() as stop:
+        return simulator.run(
+            args.mqtt_url,
+            devices=args.devices,
+            rate=args.rate,
+            channels=args.channels,
+            duration_s=args.duration,
+            seed=args.seed,
+            anomaly_rate=args.anomaly_rate,
+            labels_out=sys.stdout if args.labels else None,
+            stop=stop,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

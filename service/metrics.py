@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -10,12 +11,29 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from sensorwatch.scoring.batch import RejectReason
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 LIKELIHOOD_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0)
 
 SOURCES = ("mqtt", "rest")
 OUTCOMES = ("scored", "rejected")
+RELOAD_OUTCOMES = ("success", "failure")
+#: Reasons the service itself gives (a whole MQTT message or REST request refused, a scoring failure),
+#: beside the engine's per-reading :class:`~sensorwatch.scoring.batch.RejectReason` values.
+SERVICE_REJECT_REASONS = (
+    "payload_too_large",  # MQTT message over max_payload_bytes
+    "bad_topic",  # topic does not match topic_readings
+    "bad_device_id",  # invalid device id in the topic
+    "malformed_json",  # not UTF-8 JSON
+    "bad_payload",  # JSON, but not a reading / gateway batch
+    "too_many_readings",  # message over max_request_readings
+    "queue_full",  # REST: the intake queue stayed full (503)
+    "internal_error",  # a scorer step failed
+)
+#: Every ``reason`` label of ``sensorwatch_rejections_total`` (each series exists from the start).
+REJECT_REASONS = tuple(dict.fromkeys([*(r.value for r in RejectReason), *SERVICE_REJECT_REASONS]))
 
 
 class BulkHistogram(Collector):
@@ -74,12 +92,25 @@ class Metrics:
         )
         self.anomalies = Counter("sensorwatch_anomalies", "Readings flagged as anomalies.", registry=r)
         self.latency = BulkHistogram(
-            "sensorwatch_score_latency_seconds", "Intake to scored, per reading.", LATENCY_BUCKETS, r
+            "sensorwatch_score_latency_seconds",
+            "Intake (queued) to scored, per scored reading; rejected readings are not observed.",
+            LATENCY_BUCKETS,
+            r,
         )
         self.batch_size = BulkHistogram(
             "sensorwatch_batch_size", "Readings per scorer step.", BATCH_BUCKETS, r
         )
         self.queue_depth = Gauge("sensorwatch_queue_depth", "Readings waiting to be scored.", registry=r)
+        self.queue_capacity = Gauge(
+            "sensorwatch_queue_capacity",
+            "Readings the intake queue holds before backpressure (the max_queue setting).",
+            registry=r,
+        )
+        self.max_devices = Gauge(
+            "sensorwatch_max_devices",
+            "Devices kept in memory before LRU eviction (the max_devices setting).",
+            registry=r,
+        )
         self.active_devices = Gauge("sensorwatch_active_devices", "Devices with state in memory.", registry=r)
         self.evictions = Counter(
             "sensorwatch_device_evictions", "Devices evicted from memory (LRU or idle TTL).", registry=r
@@ -107,9 +138,18 @@ class Metrics:
         for s in SOURCES:
             for o in OUTCOMES:
                 self.readings.labels(s, o)
-        for outcome in ("success", "failure"):
+        for reason in REJECT_REASONS:
+            self.rejections.labels(reason)
+        for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.mqtt_connected.set(0)
+
+    def without_mqtt(self) -> None:
+        """A REST-only service (no MQTT URL) exports no MQTT series: a permanent 0 in
+        ``sensorwatch_mqtt_connected`` would keep the MQTTDisconnected alert firing for nothing."""
+        for collector in (self.mqtt_connected, self.mqtt_reconnects):
+            with contextlib.suppress(KeyError):  # already gone
+                self.registry.unregister(collector)
 
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()

@@ -69,6 +69,7 @@ class Engine:
         )
         self.scorer = StreamScorer(model, cfg, model_version=version)
         metrics.set_model(self.model_name, self.model_ref)
+        metrics.max_devices.set(self.scorer.store.max_devices)
         self._evictions_seen = 0
 
     # ------------------------------------------------------------------ scoring
@@ -185,6 +186,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        metrics.queue_capacity.set(max_queue)
         self.on_result = on_result
         self._items: deque[Work] = deque()
         self._queued = 0
@@ -272,9 +274,10 @@ class MicroBatcher:
         for w in batch:
             stop = start + len(w.readings)
             acc = result.accepted[start:stop]
-            m.readings.labels(w.source, "scored").inc(int(acc.sum()))
-            m.readings.labels(w.source, "rejected").inc(int((~acc).sum()))
-            m.latency.observe_many(np.full(stop - start, now - w.enqueued))
+            scored = int(acc.sum())
+            m.readings.labels(w.source, "scored").inc(scored)
+            m.readings.labels(w.source, "rejected").inc(acc.size - scored)
+            m.latency.observe_many(np.full(scored, now - w.enqueued))  # scored readings only
             slices.append((w, start, stop))
             start = stop
         for reason in result.reason[~result.accepted].tolist():

@@ -43,6 +43,8 @@ class Service:
         self.mqtt: MqttAdapter | None = None
         if settings.mqtt_url:
             self.mqtt = MqttAdapter(settings, self._on_mqtt, self._on_mqtt_change)
+        else:
+            self.metrics.without_mqtt()
         self._intake_open = False
         self._stop_snapshots = threading.Event()
         self._snapshotter = threading.Thread(

@@ -35,12 +35,12 @@ ISSUE_METRICS = (
     "sensorwatch_queue_depth",
     "sensorwatch_active_devices",
     "sensorwatch_device_evictions_total",
-    "sensorwatch_mqtt_connected",
-    "sensorwatch_mqtt_reconnects_total",
     "sensorwatch_model_info",
     "sensorwatch_model_reloads_total",
     "sensorwatch_likelihood_bucket",
 )
+#: Exported only when MQTT is configured (tests/e2e checks them with a broker).
+MQTT_METRICS = ("sensorwatch_mqtt_connected", "sensorwatch_mqtt_reconnects_total")
 
 
 @pytest.fixture
@@ -196,6 +196,11 @@ def test_invalid_requests_are_422(client: TestClient) -> None:
         assert client.post("/v1/score", json=body).status_code == 422, body
     r = client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
+    # Every refused request is counted once (its readings could not be parsed), as for MQTT messages.
+    text = client.get("/metrics").text
+    refused = len(bad_bodies) + 1
+    assert metric(text, "sensorwatch_rejections_total", reason="bad_payload") == refused
+    assert metric(text, "sensorwatch_readings_total", source="rest", outcome="rejected") == refused
 
 
 def test_dry_run_does_not_advance_state(client: TestClient) -> None:
@@ -356,6 +361,9 @@ def test_request_body_limit(tmp_path: Path, models_dir: Path) -> None:
         assert r.status_code == 413
         assert count(c, "a") is None
         assert c.post("/v1/score", json={"device_id": "a", "readings": readings(5)}).status_code == 200
+        text = c.get("/metrics").text
+        assert metric(text, "sensorwatch_rejections_total", reason="payload_too_large") == 2
+        assert metric(text, "sensorwatch_readings_total", source="rest", outcome="rejected") == 2
 
 
 def test_request_readings_limit(tmp_path: Path, models_dir: Path) -> None:
@@ -366,6 +374,9 @@ def test_request_readings_limit(tmp_path: Path, models_dir: Path) -> None:
         assert c.post("/v1/score", json=batch).status_code == 413
         assert count(c, "a") is None
         assert len(score(c, {"device_id": "a", "readings": readings(5)})) == 5
+        text = c.get("/metrics").text
+        assert metric(text, "sensorwatch_rejections_total", reason="too_many_readings") == 6 + 6
+        assert metric(text, "sensorwatch_readings_total", source="rest", outcome="rejected") == 12
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -395,10 +406,11 @@ def test_metrics_names_and_no_device_label(client: TestClient) -> None:
     assert metric(text, "sensorwatch_readings_total", source="rest", outcome="scored") == 15
     assert metric(text, "sensorwatch_active_devices") == 5
     assert metric(text, "sensorwatch_likelihood_count") == 15
-    assert metric(text, "sensorwatch_score_latency_seconds_count") == 16
+    assert metric(text, "sensorwatch_score_latency_seconds_count") == 15  # scored readings only
     assert metric(text, "sensorwatch_batch_size_sum") == 16
     assert metric(text, "sensorwatch_queue_depth") == 0
-    assert metric(text, "sensorwatch_mqtt_connected") == 0
+    # REST only: no MQTT series (a constant 0 would keep the MQTTDisconnected alert firing).
+    assert not names & set(MQTT_METRICS)
     assert metric(text, "sensorwatch_model_info", name="uni", version="1") == 1
 
 

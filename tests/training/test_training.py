@@ -184,4 +184,3 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--device", "cuda"]
     assert cli(args) == 2
     assert "CUDA is not available" in capsys.readouterr().err
-
