@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--readings", type=int, default=5000, help="--out: readings per device")
     m.add_argument("--interval", type=float, default=300.0, help="simulated seconds between readings")
+    m.add_argument(
+        "--profiles",
+        choices=("sine", "varied"),
+        default="sine",
+        help="--out: 'varied' mixes daily shapes, weekends, AR/heavy-tailed noise, wandering levels and "
+        "intervals of 1 min to 1 h (the training fleet of seasonal models)",
+    )
     m.add_argument("--rate", type=float, default=2.0, help="--mqtt-url: readings per second per device")
     m.add_argument("--duration", type=float, default=None, help="--mqtt-url: seconds (default: until Ctrl-C)")
     m.add_argument("--labels", action="store_true", help="--mqtt-url: print injected labels as JSON lines")

@@ -7,10 +7,14 @@ One set of weights, two entry points:
 * :meth:`Forecaster.step` — one time step for a batch of devices given their state rows (streaming).
 
 Input at each step (``2·C + 1`` features): the per-device normalised reading (C; missing channels carry
-the imputed value), the missing-value mask (C; 1 = observed) and a Δt feature. Output: per-channel mean
-and scale of the *next* normalised reading. The mean is predicted as a residual on top of the current
-input (``mean = x + head(h)``), so a model whose head is zero is exactly a last-value (persistence)
-forecaster — the built-in fallback — and training starts from that sensible baseline.
+the imputed value), the missing-value mask (C; 1 = observed) and a Δt feature; a ``seasonal`` model
+also gets the step since the previous reading (``C``) and the device's hourly mean one day and one
+week before the next reading, relative to the current one, with masks (``4·C``) — and its recurrent
+network does not see the level (the first ``C`` inputs) at all: it forecasts changes, not levels.
+Output: per-channel mean and scale of the *next* normalised reading. The mean is predicted as a
+residual on top of the current input (``mean = x + head(h)``), so a model whose head is zero is
+exactly a last-value (persistence) forecaster — the built-in fallback — and training starts from that
+sensible baseline.
 
 >>> import torch
 >>> from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
@@ -51,6 +55,10 @@ class ForecasterConfig:
     num_layers: int = 1
     channels: int = 1
     channel_names: tuple[str, ...] | None = None
+    #: Seasonal, level-free model: + the step since the previous reading (C) and the hourly means one
+    #: day and one week before the next reading relative to the current one, with masks (4·C); the
+    #: recurrent network does not see the normalised level (the head still adds its output to it).
+    seasonal: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -65,7 +73,12 @@ class ForecasterConfig:
 
     @property
     def input_size(self) -> int:
-        return 2 * self.channels + 1
+        return 2 * self.channels + 1 + (5 * self.channels if self.seasonal else 0)
+
+    @property
+    def rnn_input_size(self) -> int:
+        """Features the recurrent network reads: a seasonal model skips the level (the first C)."""
+        return self.input_size - (self.channels if self.seasonal else 0)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -77,6 +90,8 @@ class ForecasterConfig:
         d = asdict(self)
         d["channel_names"] = list(self.names)
         d["feature_version"] = FEATURE_VERSION
+        if not self.seasonal:
+            del d["seasonal"]  # identities (cards, snapshots) of non-seasonal models stay as they were
         return d
 
     @classmethod
@@ -88,6 +103,7 @@ class ForecasterConfig:
             num_layers=int(d["num_layers"]),
             channels=int(d["channels"]),
             channel_names=tuple(names) if names else None,
+            seasonal=bool(d.get("seasonal", False)),
         )
 
 
@@ -101,7 +117,7 @@ class Forecaster(nn.Module):
         super().__init__()
         self.config = config
         self.rnn = _RNN_CLASSES[config.cell](
-            input_size=config.input_size,
+            input_size=config.rnn_input_size,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
             batch_first=True,
@@ -125,6 +141,9 @@ class Forecaster(nn.Module):
         return {
             k: torch.zeros(batch, *s, dtype=p.dtype, device=p.device) for k, s in self.state_shapes.items()
         }
+
+    def _rnn_view(self, features: torch.Tensor) -> torch.Tensor:
+        return features[..., self.config.channels :] if self.config.seasonal else features
 
     def _head(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config.channels
@@ -153,7 +172,7 @@ class Forecaster(nn.Module):
 
         ``features`` (B, 2C+1) and ``state`` rows (B, L, H) → mean, scale (B, C) and the new state rows.
         """
-        out, new = self.rnn(features.unsqueeze(1), self._rnn_state(state))
+        out, new = self.rnn(self._rnn_view(features).unsqueeze(1), self._rnn_state(state))
         mean, scale = self._head(out[:, 0], features)
         return mean, scale, self._state_rows(new)
 
@@ -170,10 +189,11 @@ class Forecaster(nn.Module):
         """
         t = features.shape[1]
         rnn_state = self._rnn_state(state) if state is not None else None
+        view = self._rnn_view(features)
         if lengths is None:
-            out, new = self.rnn(features, rnn_state)
+            out, new = self.rnn(view, rnn_state)
         else:
-            packed = pack_padded_sequence(features, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            packed = pack_padded_sequence(view, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out_packed, new = self.rnn(packed, rnn_state)
             out, _ = pad_packed_sequence(out_packed, batch_first=True, total_length=t)
         mean, scale = self._head(out, features)

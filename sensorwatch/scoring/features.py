@@ -11,10 +11,18 @@ before it is normalised, so a device's first reading maps to 0.
 
 Δt feature: ``log(Δt) − mean log(Δt)`` of the device, clipped — scale-free, so a 1 s sensor and a
 5 min sensor look alike; 0 for a device's first reading.
+
+Seasonal models (``seasonal=True``) are also *level-free*: their recurrent network never sees the
+normalised level itself (a running mean is a poor guess of a real sensor's level, and a network that
+sees it learns mean reversion), only the step since the previous reading and, as seasonal context,
+the device's mean reading in the clock hour one day and one week before the next reading is
+expected — relative to the current reading, in normaliser units, with presence masks
+(DETECTION-NOTES measured such lags at +10 NAB points for a one-step forecaster).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -74,13 +82,19 @@ def delta_t_feature(
     return feat, {"dt_n": n, "dt_logmean": logmean}
 
 
-def assemble(x_norm: torch.Tensor, observed: torch.Tensor, dt_feat: torch.Tensor) -> torch.Tensor:
-    """Model input (B, 2C+1) float32: normalised values, mask, Δt feature."""
-    return torch.cat([x_norm, observed.to(F64), dt_feat[:, None]], dim=1).to(torch.float32)
+def assemble(
+    x_norm: torch.Tensor, observed: torch.Tensor, dt_feat: torch.Tensor, seasonal: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Model input float32: normalised values, mask, Δt feature (B, 2C+1), then for seasonal models
+    the step since the previous reading (C) and the day/week-lag values and masks (4C)."""
+    parts = [x_norm, observed.to(F64), dt_feat[:, None]]
+    if seasonal is not None:
+        parts.append(seasonal)
+    return torch.cat(parts, dim=1).to(torch.float32)
 
 
 def featurize_sequence(
-    values: torch.Tensor, ts: torch.Tensor, cfg: ScorerConfig
+    values: torch.Tensor, ts: torch.Tensor, cfg: ScorerConfig, seasonal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of whole sequences, exactly as streaming computes them step by step.
 
@@ -88,10 +102,14 @@ def featurize_sequence(
     channels are imputed with the running mean (training has no forecaster in the loop; streaming
     imputes with the prediction). Returns ``features`` (B, T, 2C+1) and the per-step ``centre`` and
     ``scale`` (B, T, C) that convert normalised predictions back to raw units. Padded steps (beyond a
-    sequence's length) may hold anything; callers mask them.
+    sequence's length) may hold anything; callers mask them. With ``seasonal`` the day/week-lag
+    features are appended (``4C`` more), from the same seasonal memory as streaming.
     """
     b, t, c = values.shape
     rows = {k: torch.zeros((b, *s.shape), dtype=s.dtype) for k, s in feature_columns(c).items()}
+    sea = {k: torch.full((b, *s.shape), s.fill, dtype=s.dtype) for k, s in seasonal_columns(c).items()}
+    last = {k: torch.full((b, *s.shape), s.fill, dtype=s.dtype) for k, s in level_free_columns(c).items()}
+    idx = torch.arange(b)
     feats, centres, scales = [], [], []
     prev_ts = torch.full((b,), float("nan"), dtype=F64)
     for i in range(t):
@@ -104,7 +122,102 @@ def featurize_sequence(
         dt_feat, upd = delta_t_feature(rows, dt, torch.isfinite(dt), cfg)
         rows.update(upd)
         prev_ts = ts[:, i].to(F64)
-        feats.append(assemble(x_norm, observed, dt_feat))
+        extra = None
+        if seasonal:
+            step, last = step_feature(last, x_filled, scale)
+            seasonal_update(sea, idx, prev_ts, x, observed)
+            lags = seasonal_features(sea, idx, next_reading_ts(prev_ts, rows), x_filled, scale)
+            extra = torch.cat([step, lags], 1)
+        feats.append(assemble(x_norm, observed, dt_feat, extra))
         centres.append(centre)
         scales.append(scale)
     return torch.stack(feats, 1), torch.stack(centres, 1), torch.stack(scales, 1)
+
+
+# ---------------------------------------------------------------------------------------------- seasonal
+#: Seasonal memory of models built with ``seasonal=True``: per device and channel, the mean reading of
+#: each clock hour over the last week plus one hour (169 slots), so that the slot one week before the
+#: hour being predicted is never the one being filled. Memory: 169 × (4 + 4) bytes per channel plus
+#: 169 × 8 per device — about 2.7 KB for a univariate device.
+SEASON_BIN_S = 3600.0
+SEASON_SLOTS = 169
+#: Lags, in bins, fed to the model: one day and one week before the hour of the next reading.
+SEASON_LAGS = (24, 168)
+#: Clip of a normalised seasonal value (a value far outside the current normaliser's range).
+SEASON_CLIP = 10.0
+
+
+def level_free_columns(channels: int) -> dict[str, ColumnSpec]:
+    """The previous (observed or imputed) reading, for the step feature of seasonal models."""
+    return {"last_x": ColumnSpec((channels,), F64, math.nan)}
+
+
+def step_feature(
+    rows: Mapping[str, torch.Tensor], x_filled: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(x − previous x) / scale (B, C), 0 for a first reading, clipped; and the new ``last_x``."""
+    prev = rows["last_x"]
+    step = torch.where(torch.isfinite(prev), (x_filled - prev) / scale, 0.0).clamp(-SEASON_CLIP, SEASON_CLIP)
+    return step, {"last_x": x_filled}
+
+
+def seasonal_columns(channels: int) -> dict[str, ColumnSpec]:
+    """Per-device seasonal memory (updated in place: the scorer never gathers it whole)."""
+    return {
+        "sea_mean": ColumnSpec((SEASON_SLOTS, channels), torch.float32),
+        "sea_cnt": ColumnSpec((SEASON_SLOTS, channels), torch.float32),
+        "sea_bin": ColumnSpec((SEASON_SLOTS,), F64, -1.0),
+    }
+
+
+SEASONAL_COLUMNS = frozenset(seasonal_columns(1))
+
+
+def seasonal_update(
+    cols: Mapping[str, torch.Tensor],
+    rows: torch.Tensor,
+    ts: torch.Tensor,
+    x: torch.Tensor,
+    observed: torch.Tensor,
+) -> None:
+    """Fold readings ``x`` (B, C) at ``ts`` (B,) into the hourly means of devices ``rows`` (B,, distinct),
+    in place. A slot last written for another hour is restarted."""
+    k = torch.floor(ts / SEASON_BIN_S)
+    slot = torch.remainder(k, SEASON_SLOTS).long()
+    stale = cols["sea_bin"][rows, slot] != k
+    cnt_old = torch.where(stale[:, None], 0.0, cols["sea_cnt"][rows, slot].to(F64))
+    mean_old = torch.where(stale[:, None], 0.0, cols["sea_mean"][rows, slot].to(F64))
+    cnt = cnt_old + observed.to(F64)
+    mean = torch.where(observed, mean_old + (x - mean_old) / cnt.clamp_min(1.0), mean_old)
+    cols["sea_mean"][rows, slot] = mean.to(torch.float32)
+    cols["sea_cnt"][rows, slot] = cnt.to(torch.float32)
+    cols["sea_bin"][rows, slot] = k
+
+
+def seasonal_features(
+    cols: Mapping[str, torch.Tensor],
+    rows: torch.Tensor,
+    target_ts: torch.Tensor,
+    ref: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """(B, 4C) float64: for each lag of :data:`SEASON_LAGS`, the hourly mean that long before
+    ``target_ts`` relative to ``ref`` (the current reading) in normaliser units (0 when unknown),
+    and its presence mask."""
+    k = torch.floor(target_ts / SEASON_BIN_S)
+    parts = []
+    for lag in SEASON_LAGS:
+        b = k - lag
+        slot = torch.remainder(b, SEASON_SLOTS).long()
+        present = (cols["sea_bin"][rows, slot] == b)[:, None] & (cols["sea_cnt"][rows, slot] > 0)
+        m = cols["sea_mean"][rows, slot].to(F64)
+        v = torch.where(present, ((m - ref) / scale).clamp(-SEASON_CLIP, SEASON_CLIP), 0.0)
+        parts += [v, present.to(F64)]
+    return torch.cat(parts, 1)
+
+
+def next_reading_ts(ts: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """When the next reading is expected: ``ts`` plus the device's typical interval (``ts`` itself
+    before an interval is known)."""
+    typical = torch.where(rows["dt_n"] > 0, torch.exp(rows["dt_logmean"]), torch.zeros_like(ts))
+    return ts + typical

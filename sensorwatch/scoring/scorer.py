@@ -82,7 +82,11 @@ class StreamScorer:
         cfg = self.config
         c = model.config.channels
         columns = {**core_columns(model), **feat.feature_columns(c), **cal.calibration_columns(c, cfg)}
-        self._gathered = [k for k in columns if k not in cal.IN_PLACE_COLUMNS]
+        if model.config.seasonal:
+            columns.update(feat.seasonal_columns(c))
+            columns.update(feat.level_free_columns(c))
+        in_place = cal.IN_PLACE_COLUMNS | feat.SEASONAL_COLUMNS
+        self._gathered = [k for k in columns if k not in in_place]
         self.store = DeviceStateStore(
             columns,
             max_devices=cfg.max_devices,
@@ -311,14 +315,27 @@ class StreamScorer:
         x_filled = torch.where(observed, x, torch.where(has_pred[:, None], g["pred_mean"], g["norm_mean"]))
         x_norm, centre, scale, upd = feat.normalise(g, x_filled, observed, cfg)
         dt_feat, upd_dt = feat.delta_t_feature(g, dt, ~gap, cfg)
+        seasonal: torch.Tensor | None = None
+        upd_step: dict[str, torch.Tensor] = {}
+        if self.model.config.seasonal:
+            cols = self.store.columns
+            # After a gap reset the step is unknown (0), as for a first reading.
+            last = {"last_x": torch.where(gap[:, None], math.nan, g["last_x"])}
+            step_f, upd_step = feat.step_feature(last, x_filled, scale)
+            feat.seasonal_update(cols, rows, ts, x, observed)
+            lags = feat.seasonal_features(cols, rows, feat.next_reading_ts(ts, upd_dt), x_filled, scale)
+            seasonal = torch.cat([step_f, lags], 1)
         state = {k: torch.where(gap[:, None, None], 0.0, g[k]) for k in self.model.state_shapes}
-        mean_n, scale_n, new_state = self.model.step(feat.assemble(x_norm, observed, dt_feat), state)
+        mean_n, scale_n, new_state = self.model.step(
+            feat.assemble(x_norm, observed, dt_feat, seasonal), state
+        )
 
         new = {
             **co.rows,
             **upd_z,
             **upd,
             **upd_dt,
+            **upd_step,
             **new_state,
             "last_ts": ts,
             "count": g["count"] + 1,

@@ -39,6 +39,7 @@ def train_main(args: argparse.Namespace) -> int:
         num_layers=args.layers,
         channels=len(channels),
         channel_names=tuple(channels),
+        seasonal=args.seasonal,
     )
     tcfg = TrainConfig(
         epochs=args.epochs,
@@ -114,6 +115,7 @@ def simulate_files(args: argparse.Namespace) -> int:
         seed=args.seed,
         anomaly_rate=args.anomaly_rate,
         interval_s=args.interval,
+        profiles=args.profiles,
     )
     names = [f"ch{i}" for i in range(args.channels)]
     rows: list[list[np.ndarray]] = [[] for _ in range(args.devices)]
@@ -157,6 +159,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         choices=("cpu", "cuda"),
         default="cpu",
         help="cpu (bit-for-bit reproducible) or cuda (seeded, not bit-for-bit)",
+    )
+    t.add_argument(
+        "--seasonal",
+        action="store_true",
+        help="also feed the hourly mean one day and one week before each next reading",
     )
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/.checkpoint")
     t.set_defaults(func=train_main)
