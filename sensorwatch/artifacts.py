@@ -174,11 +174,18 @@ def _version_key(v: str) -> tuple[Any, ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.-]", v))
 
 
+#: Model name that selects the built-in persistence fallback (not an artifact).
+BUILTIN_NAME = "builtin"
+
+
 def load_default_or_builtin(
     ref: str | None, models_dir: str | os.PathLike[str] | None, channels: int
 ) -> tuple[Forecaster, str]:
     """The named model; else the default model when it exists and fits ``channels``; else the built-in
-    persistence fallback (an LSTM with a zero head, hidden 32). Returns (model, version string)."""
+    persistence fallback (an LSTM with a zero head, hidden 32), which ``ref="builtin"`` also selects.
+    Returns (model, version string)."""
+    if ref == BUILTIN_NAME:
+        return builtin_model(channels), BUILTIN_VERSION
     if ref:
         loaded = load_model(ref, models_dir)
         return loaded.model, loaded.ref

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.routing import Route
 
-from sensorwatch.artifacts import DEFAULT_MODEL, ArtifactError, list_models, load_model
+from sensorwatch.artifacts import BUILTIN_NAME, DEFAULT_MODEL, ArtifactError, list_models, load_model
 from sensorwatch.scoring.batch import Reading, StepResult
 from service.metrics import Metrics
 from service.payloads import result_records
@@ -205,7 +205,7 @@ class _AsgiEndpoint:
 def _check_model(settings: Settings) -> None:
     """A MODEL naming no loadable artifact refuses to start like any invalid setting (the lifespan
     would fail later with a traceback); the default falls back to the built-in model instead."""
-    if settings.model == DEFAULT_MODEL:
+    if settings.model in (DEFAULT_MODEL, BUILTIN_NAME):
         return
     try:
         load_model(settings.model, settings.models_dir)

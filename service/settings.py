@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     # --- model and state ----------------------------------------------------------------------------
     model: str = Field(
         "univariate",
-        description="Model NAME[/VERSION] under MODELS_DIR (built-in fallback when the default is absent).",
+        description="Model NAME[/VERSION] under MODELS_DIR (built-in fallback when the default is absent); "
+        "'builtin' selects the built-in persistence model.",
     )
     models_dir: Path = Field(
         Path("models"), description="Where model artifacts are loaded from (only there)."

@@ -59,12 +59,16 @@ class ForecasterConfig:
     #: day and one week before the next reading relative to the current one, with masks (4·C); the
     #: recurrent network does not see the normalised level (the head still adds its output to it).
     seasonal: bool = False
+    #: Width (seconds) of the seasonal memory's time bins; must divide a day.
+    season_bin_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if self.hidden_size < 1 or self.num_layers < 1 or self.channels < 1:
             raise ValueError("hidden_size, num_layers and channels must be >= 1")
+        if self.season_bin_s <= 0 or 86_400.0 % self.season_bin_s:
+            raise ValueError("season_bin_s must divide a day (e.g. 300, 900, 3600)")
         if self.channel_names is not None:
             names = tuple(self.channel_names)
             if len(names) != self.channels or len(set(names)) != len(names):
@@ -91,7 +95,8 @@ class ForecasterConfig:
         d["channel_names"] = list(self.names)
         d["feature_version"] = FEATURE_VERSION
         if not self.seasonal:
-            del d["seasonal"]  # identities (cards, snapshots) of non-seasonal models stay as they were
+            # Identities (cards, snapshots) of non-seasonal models stay as they were.
+            del d["seasonal"], d["season_bin_s"]
         return d
 
     @classmethod
@@ -104,6 +109,7 @@ class ForecasterConfig:
             channels=int(d["channels"]),
             channel_names=tuple(names) if names else None,
             seasonal=bool(d.get("seasonal", False)),
+            season_bin_s=float(d.get("season_bin_s", 3600.0)),
         )
 
 

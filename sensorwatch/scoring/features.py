@@ -32,6 +32,17 @@ from sensorwatch.state.store import ColumnSpec
 
 F64 = torch.float64
 
+#: Seasonal memory of models built with ``seasonal=True``: per device and channel, the mean reading of
+#: each time bin (``season_bin_s``, default one clock hour) over the last week plus one bin, so that the
+#: slot one week before the bin being predicted is never the one being filled. Memory with hourly
+#: bins: 169 × (4 + 4) bytes per channel plus 169 × 8 per device — about 2.7 KB for a univariate
+#: device (5-minute bins: 2,017 slots, about 32 KB).
+SEASON_BIN_S = 3600.0
+DAY_S = 86_400.0
+WEEK_S = 7 * DAY_S
+#: Clip of a normalised seasonal value (a value far outside the current normaliser's range).
+SEASON_CLIP = 10.0
+
 
 def feature_columns(channels: int) -> dict[str, ColumnSpec]:
     """Per-device state the featurizer keeps."""
@@ -94,7 +105,11 @@ def assemble(
 
 
 def featurize_sequence(
-    values: torch.Tensor, ts: torch.Tensor, cfg: ScorerConfig, seasonal: bool = False
+    values: torch.Tensor,
+    ts: torch.Tensor,
+    cfg: ScorerConfig,
+    seasonal: bool = False,
+    season_bin_s: float = SEASON_BIN_S,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of whole sequences, exactly as streaming computes them step by step.
 
@@ -107,7 +122,10 @@ def featurize_sequence(
     """
     b, t, c = values.shape
     rows = {k: torch.zeros((b, *s.shape), dtype=s.dtype) for k, s in feature_columns(c).items()}
-    sea = {k: torch.full((b, *s.shape), s.fill, dtype=s.dtype) for k, s in seasonal_columns(c).items()}
+    sea = {
+        k: torch.full((b, *s.shape), s.fill, dtype=s.dtype)
+        for k, s in seasonal_columns(c, season_bin_s).items()
+    }
     last = {k: torch.full((b, *s.shape), s.fill, dtype=s.dtype) for k, s in level_free_columns(c).items()}
     idx = torch.arange(b)
     feats, centres, scales = [], [], []
@@ -125,8 +143,8 @@ def featurize_sequence(
         extra = None
         if seasonal:
             step, last = step_feature(last, x_filled, scale)
-            seasonal_update(sea, idx, prev_ts, x, observed)
-            lags = seasonal_features(sea, idx, next_reading_ts(prev_ts, rows), x_filled, scale)
+            seasonal_update(sea, idx, prev_ts, x, observed, season_bin_s)
+            lags = seasonal_features(sea, idx, next_reading_ts(prev_ts, rows), x_filled, scale, season_bin_s)
             extra = torch.cat([step, lags], 1)
         feats.append(assemble(x_norm, observed, dt_feat, extra))
         centres.append(centre)
@@ -135,16 +153,18 @@ def featurize_sequence(
 
 
 # ---------------------------------------------------------------------------------------------- seasonal
-#: Seasonal memory of models built with ``seasonal=True``: per device and channel, the mean reading of
-#: each clock hour over the last week plus one hour (169 slots), so that the slot one week before the
-#: hour being predicted is never the one being filled. Memory: 169 × (4 + 4) bytes per channel plus
-#: 169 × 8 per device — about 2.7 KB for a univariate device.
-SEASON_BIN_S = 3600.0
-SEASON_SLOTS = 169
-#: Lags, in bins, fed to the model: one day and one week before the hour of the next reading.
-SEASON_LAGS = (24, 168)
-#: Clip of a normalised seasonal value (a value far outside the current normaliser's range).
-SEASON_CLIP = 10.0
+def season_slots(bin_s: float = SEASON_BIN_S) -> int:
+    """Slots of the seasonal ring: one week of bins plus one.
+
+    >>> season_slots(3600.0), season_slots(300.0)
+    (169, 2017)
+    """
+    return round(WEEK_S / bin_s) + 1
+
+
+def season_lags(bin_s: float = SEASON_BIN_S) -> tuple[int, int]:
+    """Lags in bins fed to the model: one day and one week before the bin of the next reading."""
+    return round(DAY_S / bin_s), round(WEEK_S / bin_s)
 
 
 def level_free_columns(channels: int) -> dict[str, ColumnSpec]:
@@ -161,12 +181,13 @@ def step_feature(
     return step, {"last_x": x_filled}
 
 
-def seasonal_columns(channels: int) -> dict[str, ColumnSpec]:
+def seasonal_columns(channels: int, bin_s: float = SEASON_BIN_S) -> dict[str, ColumnSpec]:
     """Per-device seasonal memory (updated in place: the scorer never gathers it whole)."""
+    slots = season_slots(bin_s)
     return {
-        "sea_mean": ColumnSpec((SEASON_SLOTS, channels), torch.float32),
-        "sea_cnt": ColumnSpec((SEASON_SLOTS, channels), torch.float32),
-        "sea_bin": ColumnSpec((SEASON_SLOTS,), F64, -1.0),
+        "sea_mean": ColumnSpec((slots, channels), torch.float32),
+        "sea_cnt": ColumnSpec((slots, channels), torch.float32),
+        "sea_bin": ColumnSpec((slots,), F64, -1.0),
     }
 
 
@@ -179,11 +200,12 @@ def seasonal_update(
     ts: torch.Tensor,
     x: torch.Tensor,
     observed: torch.Tensor,
+    bin_s: float = SEASON_BIN_S,
 ) -> None:
-    """Fold readings ``x`` (B, C) at ``ts`` (B,) into the hourly means of devices ``rows`` (B,, distinct),
-    in place. A slot last written for another hour is restarted."""
-    k = torch.floor(ts / SEASON_BIN_S)
-    slot = torch.remainder(k, SEASON_SLOTS).long()
+    """Fold readings ``x`` (B, C) at ``ts`` (B,) into the bin means of devices ``rows`` (B,, distinct),
+    in place. A slot last written for another bin is restarted."""
+    k = torch.floor(ts / bin_s)
+    slot = torch.remainder(k, cols["sea_bin"].shape[1]).long()
     stale = cols["sea_bin"][rows, slot] != k
     cnt_old = torch.where(stale[:, None], 0.0, cols["sea_cnt"][rows, slot].to(F64))
     mean_old = torch.where(stale[:, None], 0.0, cols["sea_mean"][rows, slot].to(F64))
@@ -200,15 +222,17 @@ def seasonal_features(
     target_ts: torch.Tensor,
     ref: torch.Tensor,
     scale: torch.Tensor,
+    bin_s: float = SEASON_BIN_S,
 ) -> torch.Tensor:
-    """(B, 4C) float64: for each lag of :data:`SEASON_LAGS`, the hourly mean that long before
+    """(B, 4C) float64: for each lag of :func:`season_lags`, the bin's mean that long before
     ``target_ts`` relative to ``ref`` (the current reading) in normaliser units (0 when unknown),
     and its presence mask."""
-    k = torch.floor(target_ts / SEASON_BIN_S)
+    k = torch.floor(target_ts / bin_s)
+    slots = cols["sea_bin"].shape[1]
     parts = []
-    for lag in SEASON_LAGS:
+    for lag in season_lags(bin_s):
         b = k - lag
-        slot = torch.remainder(b, SEASON_SLOTS).long()
+        slot = torch.remainder(b, slots).long()
         present = (cols["sea_bin"][rows, slot] == b)[:, None] & (cols["sea_cnt"][rows, slot] > 0)
         m = cols["sea_mean"][rows, slot].to(F64)
         v = torch.where(present, ((m - ref) / scale).clamp(-SEASON_CLIP, SEASON_CLIP), 0.0)

@@ -83,7 +83,7 @@ class StreamScorer:
         c = model.config.channels
         columns = {**core_columns(model), **feat.feature_columns(c), **cal.calibration_columns(c, cfg)}
         if model.config.seasonal:
-            columns.update(feat.seasonal_columns(c))
+            columns.update(feat.seasonal_columns(c, model.config.season_bin_s))
             columns.update(feat.level_free_columns(c))
         in_place = cal.IN_PLACE_COLUMNS | feat.SEASONAL_COLUMNS
         self._gathered = [k for k in columns if k not in in_place]
@@ -322,8 +322,11 @@ class StreamScorer:
             # After a gap reset the step is unknown (0), as for a first reading.
             last = {"last_x": torch.where(gap[:, None], math.nan, g["last_x"])}
             step_f, upd_step = feat.step_feature(last, x_filled, scale)
-            feat.seasonal_update(cols, rows, ts, x, observed)
-            lags = feat.seasonal_features(cols, rows, feat.next_reading_ts(ts, upd_dt), x_filled, scale)
+            bin_s = self.model.config.season_bin_s
+            feat.seasonal_update(cols, rows, ts, x, observed, bin_s)
+            lags = feat.seasonal_features(
+                cols, rows, feat.next_reading_ts(ts, upd_dt), x_filled, scale, bin_s
+            )
             seasonal = torch.cat([step_f, lags], 1)
         state = {k: torch.where(gap[:, None, None], 0.0, g[k]) for k in self.model.state_shapes}
         mean_n, scale_n, new_state = self.model.step(

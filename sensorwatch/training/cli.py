@@ -40,6 +40,7 @@ def train_main(args: argparse.Namespace) -> int:
         channels=len(channels),
         channel_names=tuple(channels),
         seasonal=args.seasonal,
+        season_bin_s=args.season_bin,
     )
     tcfg = TrainConfig(
         epochs=args.epochs,
@@ -164,6 +165,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--seasonal",
         action="store_true",
         help="also feed the hourly mean one day and one week before each next reading",
+    )
+    t.add_argument(
+        "--season-bin",
+        type=float,
+        default=3600.0,
+        help="--seasonal: seconds per bin of the seasonal memory (divides a day; 300 = exact lags for "
+        "5-minute sensors, 2,017 slots per channel and device)",
     )
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/.checkpoint")
     t.set_defaults(func=train_main)

@@ -115,7 +115,9 @@ class Tensors:
         return Tensors(self.features.to(device), self.targets.to(device), self.mask.to(device), self.lengths)
 
 
-def build_tensors(series: list[Series], cfg: ScorerConfig, seasonal: bool = False) -> Tensors:
+def build_tensors(
+    series: list[Series], cfg: ScorerConfig, seasonal: bool = False, season_bin_s: float = 3600.0
+) -> Tensors:
     c = series[0].values.shape[1]
     t_max = max(len(s.ts) for s in series)
     b = len(series)
@@ -128,7 +130,7 @@ def build_tensors(series: list[Series], cfg: ScorerConfig, seasonal: bool = Fals
         ts[i, :n] = torch.from_numpy(s.ts)
         if n < t_max:  # padding continues the clock so Δt stays finite; masked out anyway
             ts[i, n:] = torch.from_numpy(s.ts[-1] + np.arange(1.0, t_max - n + 1))
-    feats, centre, scale = featurize_sequence(values, ts, cfg, seasonal)
+    feats, centre, scale = featurize_sequence(values, ts, cfg, seasonal, season_bin_s)
     nxt = values[:, 1:]
     targets = ((nxt - centre[:, :-1]) / scale[:, :-1]).to(torch.float32)
     pos = torch.arange(t_max - 1)[None, :]

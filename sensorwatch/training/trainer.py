@@ -111,8 +111,8 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def fit(self, series: list[Series], resume: bool = False) -> TrainResult:
         train_s, val_s = split_time(series, self.cfg.val_frac)
-        train_t = build_tensors(train_s, self.scorer_cfg, self.arch.seasonal)
-        val_t = build_tensors(val_s, self.scorer_cfg, self.arch.seasonal)
+        train_t = build_tensors(train_s, self.scorer_cfg, self.arch.seasonal, self.arch.season_bin_s)
+        val_t = build_tensors(val_s, self.scorer_cfg, self.arch.seasonal, self.arch.season_bin_s)
         cut = torch.tensor([max(len(s.ts) - 1, 0) for s in train_s])
         val_t.mask &= (torch.arange(val_t.mask.shape[1])[None, :] >= cut[:, None])[..., None]
         train_t, val_t = train_t.to(self.device), val_t.to(self.device)

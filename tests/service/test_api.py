@@ -266,6 +266,16 @@ def test_models_lists_active_and_available(client: TestClient, models_dir: Path)
     }
 
 
+def test_model_builtin_selects_the_persistence_model(tmp_path: Path, models_dir: Path) -> None:
+    with make_client(tmp_path, models_dir, model="builtin") as c:
+        active = c.get("/v1/models").json()["active"]
+        assert (active["name"], active["version"], active["sha256"]) == ("builtin-persistence", "0", None)
+        # It scores like any model (warm-up first, then likelihoods).
+        res = score(c, {"device_id": "b", "readings": readings(80)})
+        assert [r["warming_up"] for r in res[:3]] == [True, True, True]
+        assert res[-1]["likelihood"] is not None
+
+
 def reload(client: TestClient, model: str, headers: dict[str, str] | None = AUTH) -> Any:
     return client.post("/v1/models/reload", json={"model": model}, headers=headers)
 
