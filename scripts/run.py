@@ -68,8 +68,16 @@ def start_broker(procs: list[subprocess.Popen[bytes]]) -> str:
     raise SystemExit("broker did not start")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
+    # SIGTERM (a supervisor, `kill`) and SIGINT (Ctrl-C; also when started in the background, where
+    # SIGINT is ignored by default) both stop everything gracefully.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         url = start_broker(procs)
         token = os.environ.get("SENSORWATCH_ADMIN_TOKEN") or secrets.token_urlsafe(16)
