@@ -64,7 +64,7 @@ def _bench(args: argparse.Namespace) -> int:
     from sensorwatch.bench import engine
 
     devices = tuple(int(x) for x in args.devices.split(","))
-    return engine.main(devices, args.json, args.model, args.trials, args.min_seconds)
+    return engine.main(devices, args.json, args.model, args.trials, args.min_seconds, args.models_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = bsub.add_parser("engine", help="readings/s through StreamScorer.step vs a naive per-reading loop")
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--devices", default="1,100,10000,100000", help="comma-separated active device counts")
-    e.add_argument("--model", help="model reference (default: the default univariate model)")
+    e.add_argument("--model", help="model reference or 'builtin' (default: the default univariate model)")
+    e.add_argument("--models-dir", default=None, help="models directory (default: ./models)")
     e.add_argument("--trials", type=int, default=5)
     e.add_argument("--min-seconds", type=float, default=1.0, help="minimum duration of one timed trial")
     e.set_defaults(func=_bench)

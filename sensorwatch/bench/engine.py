@@ -67,10 +67,9 @@ def _batched(model: Forecaster, version: str, n: int, trials: int, min_s: float)
 
 
 def _naive_forward(model: Forecaster, n: int, trials: int, min_s: float) -> float:
-    c = model.config.channels
     states = {f"dev-{i:06d}": model.initial_state(1) for i in range(min(n, 10_000))}
     ids = list(states)
-    feats = torch.zeros(1, 2 * c + 1)
+    feats = torch.zeros(1, model.config.input_size)
 
     def work(i: int) -> int:
         d = ids[i % len(ids)]
@@ -101,8 +100,9 @@ def run(
     trials: int = 5,
     min_s: float = 1.0,
     channels: int = 1,
+    models_dir: str | None = None,
 ) -> dict[str, Any]:
-    model, version = load_default_or_builtin(model_ref, None, channels)
+    model, version = load_default_or_builtin(model_ref, models_dir, channels)
     model.eval()
     rows = []
     for n in devices:
@@ -128,6 +128,7 @@ def run(
             "hidden_size": cfg.hidden_size,
             "num_layers": cfg.num_layers,
             "channels": cfg.channels,
+            "seasonal": cfg.seasonal,
         },
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -152,10 +153,15 @@ def _fmt_row(r: dict[str, Any]) -> str:
 
 
 def main(
-    devices: tuple[int, ...], json_out: str | None, model_ref: str | None, trials: int, min_s: float
+    devices: tuple[int, ...],
+    json_out: str | None,
+    model_ref: str | None,
+    trials: int,
+    min_s: float,
+    models_dir: str | None = None,
 ) -> int:
     print(HEADER, flush=True)
-    report = run(devices, model_ref=model_ref, trials=trials, min_s=min_s)
+    report = run(devices, model_ref=model_ref, trials=trials, min_s=min_s, models_dir=models_dir)
     text = json.dumps(report, indent=2)
     if json_out:  # written before anything else is printed: a closed stdout must not lose it
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
