@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rate", type=float, default=2.0, help="--mqtt-url: readings per second per device")
     m.add_argument("--duration", type=float, default=None, help="--mqtt-url: seconds (default: until Ctrl-C)")
     m.add_argument("--labels", action="store_true", help="--mqtt-url: print injected labels as JSON lines")
+    m.add_argument(
+        "--time-lapse",
+        type=float,
+        default=1.0,
+        help="--mqtt-url: simulated seconds per real second; 1 stamps readings with the wall clock",
+    )
     m.set_defaults(func=simulate_files)
 
     from sensorwatch.evaluation.cli import add_parser as add_evaluate

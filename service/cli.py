@@ -58,6 +58,7 @@ def _simulate(args: argparse.Namespace) -> int:
             anomaly_rate=args.anomaly_rate,
             labels_out=sys.stdout if args.labels else None,
             stop=stop,
+            time_lapse=args.time_lapse,
         )
 
 

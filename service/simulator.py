@@ -37,11 +37,25 @@ def run(
     labels_out: TextIO | None = None,
     channel_names: list[str] | None = None,
     stop: threading.Event | None = None,
+    time_lapse: float = 1.0,
+    start_ts: float | None = None,
 ) -> int:
     """Publish one reading per device every 1/``rate`` s until ``duration_s`` (or forever), or until
-    ``stop`` is set (checked between ticks)."""
+    ``stop`` is set (checked between ticks).
+
+    Readings are stamped from ``start_ts`` (default: now) on, ``time_lapse`` simulated seconds per real
+    second apart (default 1: wall-clock time, so a restarted simulator — or a service restored from a
+    snapshot — stays in timestamp order; a larger factor shows daily cycles in minutes but runs the
+    stamps ahead of the clock, and readings of a rerun within that lead are ``out_of_order``)."""
     stop = stop or threading.Event()
-    fleet = Fleet(devices=devices, channels=channels, seed=seed, anomaly_rate=anomaly_rate)
+    fleet = Fleet(
+        devices=devices,
+        channels=channels,
+        seed=seed,
+        anomaly_rate=anomaly_rate,
+        interval_s=time_lapse / rate,
+        start_ts=time.time() if start_ts is None else start_ts,
+    )
     pub = MqttPublisher(url, client_id=f"sensorwatch-sim-{seed}")
     sent, t0 = 0, time.monotonic()
     try:

@@ -5,6 +5,7 @@ disconnects, exit status 0."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -29,6 +30,7 @@ class ReadingCounter:
 
     def __init__(self, broker: Broker) -> None:
         self.n = 0
+        self.stamps: list[float] = []
         self._lock = threading.Lock()
         self.client = _v5_client(f"simcount-{uuid.uuid4().hex[:12]}")
         self.client.on_message = self._on_message
@@ -40,8 +42,10 @@ class ReadingCounter:
             raise RuntimeError("no SUBACK")
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        ts = float(json.loads(msg.payload)["ts"])
         with self._lock:
             self.n += 1
+            self.stamps.append(ts - time.time())
 
     @property
     def count(self) -> int:
@@ -95,6 +99,11 @@ def test_simulator_stops_cleanly_on_signal(private_broker: Broker, tmp_path: Pat
         wait_until(lambda: counter.count >= published, 10, f"{published} readings at the subscriber")
         time.sleep(0.2)
         assert counter.count == published
+        # Wall-clock timestamps (time lapse 1): a rerun, or a service restored from a snapshot, stays in
+        # order. Within ±5 s of the receiver's clock (20 % jitter per tick at 20 ticks/s).
+        with counter._lock:
+            lags = list(counter.stamps)
+        assert max(abs(x) for x in lags) < 5.0, (min(lags), max(lags))
     finally:
         if proc.poll() is None:
             proc.kill()
