@@ -87,8 +87,9 @@ _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}
 
 
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's variable substitution for ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and
-    ``$$`` (with an empty environment by default: the values a fresh checkout gets)."""
+    """Compose's variable substitution for ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
+    ``${VAR:?message}`` / ``${VAR?message}`` (required: ``ValueError`` when unset) and ``$$`` (with an
+    empty environment by default: the values a fresh checkout gets)."""
     env = env or {}
 
     def sub(m: re.Match[str]) -> str:
@@ -97,6 +98,10 @@ def interpolate(value: str, env: dict[str, str] | None = None) -> str:
             return env.get(name) or default
         if op == "-":
             return env.get(name, default)
+        if op in (":?", "?"):
+            if (op == ":?" and not env.get(name)) or name not in env:
+                raise ValueError(f"required variable {name} is missing: {default}")
+            return env[name]
         return env.get(name, "")
 
     return _INTERPOLATION.sub(sub, value.replace("$$", "\0")).replace("\0", "$")

@@ -138,13 +138,19 @@ def test_the_image_and_compose_settings_are_valid(
     of its ${...} substitutions) pass the service's own validation."""
     clear_sensorwatch_env(monkeypatch)
     env = dockerfile_env(dockerfile)
-    env.update({k: interpolate(v) for k, v in environment(services["sensorwatch"]).items()})
+    compose_env = environment(services["sensorwatch"])
+    # No default admin token: Compose refuses to start until the operator sets one.
+    with pytest.raises(ValueError, match="SENSORWATCH_ADMIN_TOKEN"):
+        [interpolate(v) for v in compose_env.values()]
+    shell = {"SENSORWATCH_ADMIN_TOKEN": "0123456789abcdef"}
+    env.update({k: interpolate(v, shell) for k, v in compose_env.items()})
     for key, value in env.items():
         if key.startswith("SENSORWATCH_"):
             monkeypatch.setenv(key, value)
     settings = load_settings()
     assert settings.broker()["host"] == "mosquitto"
     assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == "0123456789abcdef"
     assert settings.state_dir == Path("/var/lib/sensorwatch")
 
 
