@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shlex
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def train_main(args: argparse.Namespace) -> int:
     # reproducible path; a GPU run is seeded but not bit-for-bit).
     torch.use_deterministic_algorithms(True, warn_only=args.device != "cpu")
     # Float reductions depend on the thread count: one thread makes the weights (and the card's sha256)
-    # the same on every machine, not just on machines with the same number of cores.
+    # the same on every run of a machine, whatever its core count. Kernels still differ between CPU
+    # models, so the card records the machine the weights were built on.
     torch.set_num_threads(1)
     out = Path(args.out)
     trainer = Trainer(arch, ScorerConfig(), tcfg, checkpoint_dir=out / ".checkpoint")
@@ -68,6 +70,7 @@ def train_main(args: argparse.Namespace) -> int:
             "data_sha256": fingerprint(series),
             "config": tcfg.__dict__,
             "history": result.history,
+            "environment": build_environment(),
         },
         "validation": {"nll": result.best_val, "best_epoch": result.best_epoch},
         "command": "sensorwatch " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
@@ -79,6 +82,24 @@ def train_main(args: argparse.Namespace) -> int:
         f"sha256 {card['sha256']}"
     )
     return 0
+
+
+def build_environment() -> dict[str, str]:
+    """Where the weights were built: identical hashes are promised per CPU model, not across them."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def _expand(pattern: str) -> list[Path]:

@@ -98,6 +98,7 @@ def test_train_command_writes_a_loadable_artifact(tmp_path: Path) -> None:
     assert card["training"]["files"] == 4
     assert card["training"]["readings"] == 1200
     assert len(card["training"]["data_sha256"]) == 64
+    assert set(card["training"]["environment"]) == {"cpu", "machine", "python", "torch"}
     assert card["validation"]["nll"] == pytest.approx(min(h["val_nll"] for h in card["training"]["history"]))
     assert cli(["models", "show", "tiny", "--models-dir", str(tmp_path / "models")]) == 0
 
