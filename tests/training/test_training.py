@@ -185,3 +185,48 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--device", "cuda"]
     assert cli(args) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_varied_fleet_differs_per_device_and_leaves_the_sine_fleet_unchanged() -> None:
+    from sensorwatch.simulate import SHAPES, Fleet
+
+    sine_a = Fleet(devices=4, seed=3)
+    sine_b = Fleet(devices=4, seed=3)
+    varied = Fleet(devices=64, seed=3, anomaly_rate=0.0, profiles="varied")
+    first = [sine_a.step()[2] for _ in range(50)]
+    # The option draws after everything else: a 'sine' fleet of a seed is what it always was.
+    np.testing.assert_array_equal(np.stack(first), np.stack([sine_b.step()[2] for _ in range(50)]))
+    ts, vals = [], []
+    for _ in range(400):
+        _, t, v, _ = varied.step()
+        ts.append(t)
+        vals.append(v[:, 0])
+    ts_a, vals_a = np.stack(ts), np.stack(vals)
+    assert np.isfinite(vals_a).all()
+    intervals = np.median(np.diff(ts_a, axis=0), axis=0)
+    assert len({round(float(i), -1) for i in intervals}) >= 4  # 1 min … 1 h sampling
+    assert set(np.unique(varied.shape)) == set(range(len(SHAPES)))
+    assert varied.heavy.any()  # some devices have Student-t noise …
+    assert (~varied.heavy).any()  # … and some Gaussian
+    with pytest.raises(ValueError, match="profiles"):
+        Fleet(devices=1, profiles="weird")
+
+
+def test_a_seasonal_model_trains_loads_and_scores(tmp_path: Path) -> None:
+    from sensorwatch import ReadingBatch, StreamScorer
+
+    data = tmp_path / "data"
+    sim = ["simulate", "--out", str(data), "--devices", "4", "--readings", "600", "--anomaly-rate", "0"]
+    assert cli([*sim, "--profiles", "varied", "--seed", "5"]) == 0
+    out = tmp_path / "models" / "sea"
+    args = ["train", "--data", str(data), "--out", str(out), "--hidden", "8", "--epochs", "1", "--bptt", "64"]
+    assert cli([*args, "--seasonal", "--season-bin", "1800"]) == 0
+    loaded = load_model("sea", tmp_path / "models")
+    assert (loaded.model.config.seasonal, loaded.model.config.season_bin_s) == (True, 1800.0)
+    card = json.loads((out / "1" / "card.json").read_text())
+    assert card["architecture"]["seasonal"] is True
+    scorer = StreamScorer(loaded.model, model_version=loaded.ref)
+    assert scorer.store.columns["sea_mean"].shape[1] == 7 * 48 + 1
+    res = scorer.step(ReadingBatch(["d"] * 3, 1.7e9 + 600.0 * np.arange(3), np.array([[1.0], [1.1], [0.9]])))
+    assert res.accepted.all()
+    assert np.isfinite(res.predicted[1:]).all()
