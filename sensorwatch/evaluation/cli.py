@@ -61,6 +61,7 @@ class _FileBar:
 
     def __init__(self, lengths: list[int]) -> None:
         self.lengths = lengths
+        self.total_rows = sum(lengths)
         self.t0 = time.monotonic()
         self.shown = -1
 
@@ -72,7 +73,7 @@ class _FileBar:
         n = len(self.lengths)
         rows = sum(min(length, done) for length in self.lengths)
         elapsed = max(time.monotonic() - self.t0, 1e-9)
-        left = sum(self.lengths) - rows
+        left = self.total_rows - rows
         eta = left / max(rows / elapsed, 1e-9)
         frac = files_done / max(n, 1)
         sys.stderr.write(

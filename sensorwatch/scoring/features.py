@@ -121,13 +121,11 @@ def featurize_sequence(
     features are appended (``4C`` more), from the same seasonal memory as streaming.
     """
     b, t, c = values.shape
-    rows = {k: torch.zeros((b, *s.shape), dtype=s.dtype) for k, s in feature_columns(c).items()}
-    sea = {
-        k: torch.full((b, *s.shape), s.fill, dtype=s.dtype)
-        for k, s in seasonal_columns(c, season_bin_s).items()
-    }
-    last = {k: torch.full((b, *s.shape), s.fill, dtype=s.dtype) for k, s in level_free_columns(c).items()}
-    idx = torch.arange(b)
+    rows = {k: spec.allocate(b) for k, spec in feature_columns(c).items()}
+    if seasonal:
+        sea = {k: spec.allocate(b) for k, spec in seasonal_columns(c, season_bin_s).items()}
+        rows.update({k: spec.allocate(b) for k, spec in level_free_columns(c).items()})
+        idx = torch.arange(b)
     feats, centres, scales = [], [], []
     prev_ts = torch.full((b,), float("nan"), dtype=F64)
     for i in range(t):
@@ -142,10 +140,8 @@ def featurize_sequence(
         prev_ts = ts[:, i].to(F64)
         extra = None
         if seasonal:
-            step, last = step_feature(last, x_filled, scale)
-            seasonal_update(sea, idx, prev_ts, x, observed, season_bin_s)
-            lags = seasonal_features(sea, idx, next_reading_ts(prev_ts, rows), x_filled, scale, season_bin_s)
-            extra = torch.cat([step, lags], 1)
+            extra, upd = seasonal_inputs(sea, idx, rows, prev_ts, x, x_filled, observed, scale, season_bin_s)
+            rows.update(upd)
         feats.append(assemble(x_norm, observed, dt_feat, extra))
         centres.append(centre)
         scales.append(scale)
@@ -238,6 +234,29 @@ def seasonal_features(
         v = torch.where(present, ((m - ref) / scale).clamp(-SEASON_CLIP, SEASON_CLIP), 0.0)
         parts += [v, present.to(F64)]
     return torch.cat(parts, 1)
+
+
+def seasonal_inputs(
+    memory: Mapping[str, torch.Tensor],
+    idx: torch.Tensor,
+    rows: Mapping[str, torch.Tensor],
+    ts: torch.Tensor,
+    x: torch.Tensor,
+    x_filled: torch.Tensor,
+    observed: torch.Tensor,
+    scale: torch.Tensor,
+    bin_s: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The extra inputs of a seasonal model for one step — streaming and training alike.
+
+    Folds the readings into the seasonal ``memory`` of devices ``idx`` (in place) and returns the
+    step since the previous reading and the day/week lags of the next reading (B, 5C), and the new
+    ``last_x``. ``rows`` holds ``last_x`` (NaN: step unknown) and the already updated Δt state.
+    """
+    step, upd = step_feature(rows, x_filled, scale)
+    seasonal_update(memory, idx, ts, x, observed, bin_s)
+    lags = seasonal_features(memory, idx, next_reading_ts(ts, rows), x_filled, scale, bin_s)
+    return torch.cat([step, lags], 1), upd
 
 
 def next_reading_ts(ts: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:

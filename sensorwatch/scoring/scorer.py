@@ -318,16 +318,19 @@ class StreamScorer:
         seasonal: torch.Tensor | None = None
         upd_step: dict[str, torch.Tensor] = {}
         if self.model.config.seasonal:
-            cols = self.store.columns
             # After a gap reset the step is unknown (0), as for a first reading.
-            last = {"last_x": torch.where(gap[:, None], math.nan, g["last_x"])}
-            step_f, upd_step = feat.step_feature(last, x_filled, scale)
-            bin_s = self.model.config.season_bin_s
-            feat.seasonal_update(cols, rows, ts, x, observed, bin_s)
-            lags = feat.seasonal_features(
-                cols, rows, feat.next_reading_ts(ts, upd_dt), x_filled, scale, bin_s
+            prev = {**upd_dt, "last_x": torch.where(gap[:, None], math.nan, g["last_x"])}
+            seasonal, upd_step = feat.seasonal_inputs(
+                self.store.columns,
+                rows,
+                prev,
+                ts,
+                x,
+                x_filled,
+                observed,
+                scale,
+                self.model.config.season_bin_s,
             )
-            seasonal = torch.cat([step_f, lags], 1)
         state = {k: torch.where(gap[:, None, None], 0.0, g[k]) for k in self.model.state_shapes}
         mean_n, scale_n, new_state = self.model.step(
             feat.assemble(x_norm, observed, dt_feat, seasonal), state

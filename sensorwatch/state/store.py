@@ -54,6 +54,10 @@ class ColumnSpec:
     dtype: torch.dtype
     fill: float = 0.0
 
+    def allocate(self, rows: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``rows`` fresh rows of this column."""
+        return torch.full((rows, *self.shape), self.fill, dtype=self.dtype, device=device)
+
     def describe(self) -> list[Any]:
         # Non-finite fills as strings: NaN != NaN would make a JSON round trip never compare equal.
         fill: float | str = self.fill if math.isfinite(self.fill) else str(self.fill)
@@ -196,7 +200,7 @@ class DeviceStateStore:
         if new_capacity <= old:
             return
         for name, spec in self.specs.items():
-            t = torch.full((new_capacity, *spec.shape), spec.fill, dtype=spec.dtype, device=self.device)
+            t = spec.allocate(new_capacity, self.device)
             if old:
                 t[:old] = self.columns[name]
             self.columns[name] = t

@@ -71,8 +71,8 @@ def _read_parquet(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         import pyarrow as pa
 
         # Naive timestamps are UTC (as in CSVs); nulls become NaN (unparseable → dropped).
-        us = col.cast(pa.timestamp("us")).cast(pa.int64())
-        ts = np.array([np.nan if v is None else v / 1e6 for v in us.to_pylist()], dtype=np.float64)
+        us = col.cast(pa.timestamp("us")).cast(pa.int64()).cast(pa.float64())
+        ts = us.to_numpy(zero_copy_only=False) / 1e6
     elif kind in ("string", "large_string"):
         ts = np.array([parse_csv_ts(v) if v is not None else np.nan for v in col.to_pylist()])
     else:

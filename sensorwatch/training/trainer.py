@@ -139,8 +139,7 @@ class Trainer:
                 break
         if self._best_state:
             self.model.load_state_dict(self._best_state)
-        self.model.cpu().eval()  # artifacts and the streaming scorer take CPU weights
-        self.result.model = self.model
+        self.model.cpu().eval()  # in place (result.model is this module): artifacts take CPU weights
         return self.result
 
     def _epoch(self, t: Tensors, epoch: int, t0: float, start_epoch: int) -> float:

@@ -26,7 +26,7 @@ def test_likelihood_is_exact_below_eight_digits_and_never_saturates() -> None:
 
 def _rows(cfg: ScorerConfig, b: int) -> dict[str, torch.Tensor]:
     cols = cal.calibration_columns(1, cfg)
-    return {k: torch.full((b, *c.shape), c.fill, dtype=c.dtype) for k, c in cols.items()}
+    return {k: c.allocate(b) for k, c in cols.items()}
 
 
 def test_empirical_surprise_discounts_a_device_that_is_always_surprised() -> None:

@@ -15,7 +15,7 @@ T0 = 1_700_006_400.0  # a whole hour (so hour h of the test is clock hour T0/360
 
 
 def _memory(b: int = 1, c: int = 1) -> dict[str, torch.Tensor]:
-    return {k: torch.full((b, *s.shape), s.fill, dtype=s.dtype) for k, s in feat.seasonal_columns(c).items()}
+    return {k: s.allocate(b) for k, s in feat.seasonal_columns(c).items()}
 
 
 def test_the_network_of_a_seasonal_model_never_sees_the_level() -> None:
