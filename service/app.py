@@ -50,7 +50,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         )
     _check_model(settings)
 
-    metrics = Metrics()
+    metrics = Metrics(mqtt=bool(settings.mqtt_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -79,8 +78,11 @@ def _fmt(b: float) -> str:
 class Metrics:
     """All sensorwatch_* series (names and labels are part of the ops contract: dashboards, alerts)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, mqtt: bool = True) -> None:
+        """``mqtt=False`` (a REST-only service): the MQTT series are not exported — a permanent 0 in
+        ``sensorwatch_mqtt_connected`` would keep the MQTTDisconnected alert firing for nothing."""
         r = self.registry = registry or CollectorRegistry()
+        r_mqtt = r if mqtt else None  # unregistered collectors still accept updates
         self.readings = Counter(
             "sensorwatch_readings",
             "Readings that got an outcome, by door and outcome.",
@@ -116,10 +118,10 @@ class Metrics:
             "sensorwatch_device_evictions", "Devices evicted from memory (LRU or idle TTL).", registry=r
         )
         self.mqtt_connected = Gauge(
-            "sensorwatch_mqtt_connected", "1 while connected to the broker.", registry=r
+            "sensorwatch_mqtt_connected", "1 while connected to the broker.", registry=r_mqtt
         )
         self.mqtt_reconnects = Counter(
-            "sensorwatch_mqtt_reconnects", "Connections re-established after a loss.", registry=r
+            "sensorwatch_mqtt_reconnects", "Connections re-established after a loss.", registry=r_mqtt
         )
         self.model_info = Gauge(
             "sensorwatch_model_info", "The model being served (value 1).", ["name", "version"], registry=r
@@ -143,13 +145,6 @@ class Metrics:
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.mqtt_connected.set(0)
-
-    def without_mqtt(self) -> None:
-        """A REST-only service (no MQTT URL) exports no MQTT series: a permanent 0 in
-        ``sensorwatch_mqtt_connected`` would keep the MQTTDisconnected alert firing for nothing."""
-        for collector in (self.mqtt_connected, self.mqtt_reconnects):
-            with contextlib.suppress(KeyError):  # already gone
-                self.registry.unregister(collector)
 
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()

@@ -31,7 +31,7 @@ class Service:
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(mqtt=bool(settings.mqtt_url))
         self.engine = Engine(settings, self.metrics)
         self.batcher = MicroBatcher(
             self.engine,
@@ -43,8 +43,6 @@ class Service:
         self.mqtt: MqttAdapter | None = None
         if settings.mqtt_url:
             self.mqtt = MqttAdapter(settings, self._on_mqtt, self._on_mqtt_change)
-        else:
-            self.metrics.without_mqtt()
         self._intake_open = False
         self._stop_snapshots = threading.Event()
         self._snapshotter = threading.Thread(

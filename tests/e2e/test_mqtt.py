@@ -46,6 +46,11 @@ T0 = 1_767_225_600.0
 DT = 60.0
 
 
+def mqtt_scored(client: TestClient) -> float:
+    """``sensorwatch_readings_total{source="mqtt", outcome="scored"}`` as the service exports it now."""
+    return metric(client.get("/metrics").text, "sensorwatch_readings_total", source="mqtt", outcome="scored")
+
+
 def series(n: int, seed: int, level: float = 20.0) -> np.ndarray:
     """A smooth daily-ish cycle with noise (what a temperature sensor might send)."""
     rng = np.random.default_rng(seed)
@@ -100,19 +105,7 @@ def test_200_devices_each_reading_scored_once_in_order_and_spikes_flagged(
             publisher.wait_acked()
             wait_until(lambda: collector.count("scores") >= total, 60, f"{total} scores")
             elapsed = time.monotonic() - start
-            wait_until(
-                lambda: (
-                    metric(
-                        client.get("/metrics").text,
-                        "sensorwatch_readings_total",
-                        source="mqtt",
-                        outcome="scored",
-                    )
-                    == total
-                ),
-                10,
-                "readings_total",
-            )
+            wait_until(lambda: mqtt_scored(client) == total, 10, "readings_total")
             time.sleep(0.3)  # a duplicate would arrive right behind
             scores = collector.docs("scores")
             anomalies = collector.docs("anomalies")
@@ -321,19 +314,7 @@ def test_persistent_session_scores_readings_published_while_the_service_was_down
 
         with running_service(settings) as client:
             wait_until(lambda: collector.count("scores") >= 1100, 30, "1,100 scores")
-            wait_until(
-                lambda: (
-                    metric(
-                        client.get("/metrics").text,
-                        "sensorwatch_readings_total",
-                        source="mqtt",
-                        outcome="scored",
-                    )
-                    == 1000
-                ),
-                10,
-                "readings_total 1000",
-            )
+            wait_until(lambda: mqtt_scored(client) == 1000, 10, "readings_total 1000")
             counts = {d: client.get(f"/v1/devices/{d}").json()["count"] for d in devices}
             assert collector.statuses()[-1] == "online"
     finally:
