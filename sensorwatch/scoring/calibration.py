@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sensorwatch.scoring import features as feat
 from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.state.store import ColumnSpec
 
@@ -107,15 +108,13 @@ def calibration_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpe
         cols["s_n"] = ColumnSpec((), F64)
     if cfg.alert_filter:
         cols["prev_s"] = ColumnSpec((), F64)
+    if cfg.seasonal_check:
+        cols.update(seasonal_check_columns(channels, cfg))
     if cfg.calibrator == "threshold":
         cols["eps"] = ColumnSpec((), F64, math.inf)
         # The ring of smoothed scores is updated in place (never gathered whole on the hot path).
         cols["win"] = ColumnSpec((cfg.threshold_window,), torch.float32)
     return cols
-
-
-#: Columns the scorer must not gather/scatter per step (updated in place by the calibrator).
-IN_PLACE_COLUMNS = frozenset({"win"})
 
 
 #: Residuals beyond this many (recalibrated) standard deviations update the running RMS as if they
@@ -128,24 +127,141 @@ RECAL_MIN = 10
 def recalibrate(
     rows: Mapping[str, torch.Tensor],
     z: torch.Tensor,
+    e_rel: torch.Tensor,
     scored: torch.Tensor,
     learn: torch.Tensor,
     cfg: ScorerConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Divide residuals (B, C) by the device's running RMS of past residuals (causal); channels in
-    ``learn`` (B, C) then update that RMS."""
+    """Residuals (B, C) on the device's own scale (causal).
+
+    ``z`` is the residual over the model's predicted scale in raw units (model scale × the
+    normaliser's std), ``e_rel`` the residual over the model's scale alone (raw units, relative to
+    the model's uncertainty). Once a channel has ``RECAL_MIN`` learnt residuals the result is
+    ``e_rel / RMS(past e_rel)``: the device's own residual history sets the unit, the model's scale
+    only says how much more or less certain this step is than usual. The normaliser's std is *not*
+    part of the unit: it tracks the spread of the values, which drifts (a level shift multiplies it
+    for thousands of readings) and would make every later residual look small (NAB −9.5 with the
+    built-in model, measured offline). Before that, ``z`` is used. Channels in ``learn`` (B, C)
+    update the RMS (one huge outlier counts as ``RECAL_CLIP`` RMS so it does not blind the device to
+    the next one). With ``recalibrate_window=None`` the model's scale is trusted: ``z`` as is.
+    """
     if cfg.recalibrate_window is None:
         return z, {}
     n, var = rows["zvar_n"], rows["zvar"]
-    rms = torch.sqrt(var).clamp_min(1e-6)
-    z_cal = torch.where(n >= RECAL_MIN, z / rms, z)
-    z2 = torch.where(
-        learn, torch.minimum(z * z, RECAL_CLIP**2 * torch.where(n >= RECAL_MIN, var, z * z)), 0.0
+    ready = n >= RECAL_MIN
+    rms = torch.sqrt(var).clamp_min(1e-300)
+    z_cal = torch.where(ready, e_rel / rms, z)
+    e2 = torch.where(
+        learn, torch.minimum(e_rel * e_rel, RECAL_CLIP**2 * torch.where(ready, var, e_rel * e_rel)), 0.0
     )
     z_cal = torch.where(scored, z_cal, 0.0)
     n_new = n + learn.to(F64)
     alpha = torch.where(learn, 1.0 / n_new.clamp(min=1, max=cfg.recalibrate_window), 0.0)
-    return z_cal, {"zvar_n": n_new, "zvar": var + alpha * (z2 - var)}
+    return z_cal, {"zvar_n": n_new, "zvar": var + alpha * (e2 - var)}
+
+
+#: Prefix of the seasonal check's ring of bin means (see :func:`seasonal_residual`).
+SEASONAL_RING = "sx"
+#: Columns the scorer must not gather/scatter per step (updated in place by the calibrator).
+IN_PLACE_COLUMNS = frozenset({"win"}) | frozenset(feat.seasonal_columns(1, prefix=SEASONAL_RING))
+#: (short-term ring, long-term mean, long-term variance) columns of each likelihood.
+FORECAST_LIKELIHOOD = ("st_ring", "lt_mean", "lt_var")
+SEASONAL_LIKELIHOOD = ("sx_st_ring", "sx_lt_mean", "sx_lt_var")
+
+
+def seasonal_check_columns(channels: int, cfg: ScorerConfig) -> dict[str, ColumnSpec]:
+    """State of the seasonal check: the ring of bin means (in place), the level difference it
+    removes, the running RMS of its residuals and its own likelihood statistics."""
+    ring = feat.seasonal_columns(channels, cfg.seasonal_bin_s, cfg.seasonal_period_s, prefix=SEASONAL_RING)
+    ring_, mean_, var_ = SEASONAL_LIKELIHOOD
+    return {
+        **ring,
+        "sx_lvl": ColumnSpec((channels,), F64),
+        "sx_lvl_n": ColumnSpec((channels,), F64),
+        "sx_zvar": ColumnSpec((channels,), F64),
+        "sx_zn": ColumnSpec((channels,), F64),
+        "sx_n": ColumnSpec((), F64),
+        ring_: ColumnSpec((cfg.likelihood_short,), F64),
+        mean_: ColumnSpec((), F64),
+        var_: ColumnSpec((), F64),
+    }
+
+
+def seasonal_residual(
+    memory: Mapping[str, torch.Tensor],
+    idx: torch.Tensor,
+    rows: Mapping[str, torch.Tensor],
+    ts: torch.Tensor,
+    x: torch.Tensor,
+    observed: torch.Tensor,
+    learn: torch.Tensor,
+    cfg: ScorerConfig,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The seasonal check's standardised residuals (B, C) and which channels have one (B, C).
+
+    For each observed channel: ``d = x − m``, ``m`` the device's mean reading in the same time bin one
+    ``seasonal_period_s`` earlier (from the ring in ``memory``, rows ``idx``; readings are folded in
+    afterwards, in place); residual ``e = d − L``, ``L`` the EWMA of past ``d`` (the recent level
+    difference: a level shift stops being surprising once it has persisted, a reading that breaks the
+    daily shape does not); ``z = e / RMS`` of past residuals (clipped at ``RECAL_CLIP`` like
+    :func:`recalibrate`, floored like the normaliser's std). A channel has a residual only once its
+    level and ``RECAL_MIN`` residuals are known. ``learn`` (B,) marks readings whose residuals update
+    the RMS (past warm-up).
+    """
+    lag = round(cfg.seasonal_period_s / cfg.seasonal_bin_s)
+    ref, present = feat.seasonal_lookup(memory, idx, ts, lag, cfg.seasonal_bin_s, prefix=SEASONAL_RING)
+    feat.seasonal_update(memory, idx, ts, x, observed, cfg.seasonal_bin_s, prefix=SEASONAL_RING)
+    present = present & observed
+    d = torch.where(present, x - ref, 0.0)
+    lvl, lvl_n = rows["sx_lvl"], rows["sx_lvl_n"]
+    known = lvl_n > 0
+    has_e = present & known
+    e = torch.where(has_e, d - lvl, 0.0)
+    new_lvl = torch.where(present, torch.where(known, lvl + cfg.seasonal_level_alpha * (d - lvl), d), lvl)
+
+    n, var = rows["sx_zn"], rows["sx_zvar"]
+    ready = n >= RECAL_MIN
+    floor = torch.clamp(cfg.std_floor_rel * ref.abs(), min=cfg.std_floor_abs)
+    scored = has_e & ready
+    z = torch.where(scored, e / torch.maximum(torch.sqrt(var), floor), 0.0)
+    lrn = has_e & learn[:, None]
+    e2 = torch.where(ready, torch.minimum(e * e, RECAL_CLIP**2 * var), e * e)
+    n_new = n + lrn.to(F64)
+    window = cfg.recalibrate_window or 1000
+    alpha = torch.where(lrn, 1.0 / n_new.clamp(min=1, max=window), 0.0)
+    upd = {
+        "sx_lvl": new_lvl,
+        "sx_lvl_n": lvl_n + present.to(F64),
+        "sx_zn": n_new,
+        "sx_zvar": var + alpha * (e2 - var),
+    }
+    return z, scored, upd
+
+
+def short_term_tail(
+    rows: Mapping[str, torch.Tensor],
+    names: tuple[str, str, str],
+    raw: torch.Tensor,
+    n: torch.Tensor,
+    cfg: ScorerConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Numenta's anomaly likelihood of raw scores (B,): log of the Gaussian tail of the short-term mean
+    (last ``likelihood_short`` raw scores) under the long-term distribution of those means (EW mean and
+    variance over ``likelihood_long``, estimated before this reading). ``n`` counts earlier scores;
+    ``names`` are the (ring, mean, variance) columns. Returns the log tail and the new columns."""
+    ring_k, mean_k, var_k = names
+    s = cfg.likelihood_short
+    pos = (n % s).long()
+    ring = rows[ring_k].clone()
+    ring.scatter_(1, pos[:, None], raw[:, None])
+    short = ring.sum(1) / torch.clamp(n + 1, max=s)
+    sd = torch.sqrt(rows[var_k]).clamp_min(cfg.likelihood_std_floor)
+    log_tail = torch.where(n >= 2, torch.special.log_ndtr(-(short - rows[mean_k]) / sd), LOG_HALF)
+    alpha = 1.0 / torch.clamp(n + 1, max=cfg.likelihood_long)
+    delta = short - rows[mean_k]
+    mean = rows[mean_k] + alpha * delta
+    var = (1 - alpha) * (rows[var_k] + alpha * delta * delta)
+    return log_tail, {ring_k: ring, mean_k: mean, var_k: var}
 
 
 def stuck_log_tail(
@@ -278,6 +394,8 @@ class CalibrationOut:
     likelihood: torch.Tensor
     decision: torch.Tensor
     rows: dict[str, torch.Tensor]
+    #: (B,) readings whose seasonal-check tail was the more surprising (attribution follows it).
+    seasonal_won: torch.Tensor
 
 
 def calibrate(
@@ -288,13 +406,17 @@ def calibrate(
     scored: torch.Tensor,
     armed: torch.Tensor,
     cfg: ScorerConfig,
+    seasonal_raw: torch.Tensor | None = None,
+    seasonal_scored: torch.Tensor | None = None,
 ) -> CalibrationOut:
     """Smoothed score, threshold, likelihood and decision for B readings of B distinct devices.
 
     ``scored`` (B,) marks readings with a valid raw score (not a device's first reading or a gap
     reset); only those update the score statistics. ``armed`` (B,) marks readings past warm-up
     (the range check needs a learnt range). State rows of unscored readings are left unchanged
-    except for the observed range.
+    except for the observed range. With ``cfg.seasonal_check``, ``seasonal_raw`` (B,) is the raw
+    score of the seasonal check's residuals and ``seasonal_scored`` (B,) marks readings that have
+    one (:func:`seasonal_residual`).
     """
     n = rows["cal_n"]
     first = n == 0
@@ -302,22 +424,23 @@ def calibrate(
 
     # Anomaly likelihood: short-term mean vs the long-term distribution seen so far. Every tail is
     # kept in log space (natural log of a probability ≤ 1) so that nothing saturates at 1.0.
-    s = cfg.likelihood_short
-    pos = (n % s).long()
-    ring = rows["st_ring"].clone()
-    ring.scatter_(1, pos[:, None], raw[:, None])
-    short = ring.sum(1) / torch.clamp(n + 1, max=s)
-    sd = torch.sqrt(rows["lt_var"]).clamp_min(cfg.likelihood_std_floor)
-    log_short = torch.where(n >= 2, torch.special.log_ndtr(-(short - rows["lt_mean"]) / sd), LOG_HALF)
+    log_short, lik_rows = short_term_tail(rows, FORECAST_LIKELIHOOD, raw, n, cfg)
+    seasonal_won = torch.zeros_like(scored)
+    sx_rows: dict[str, torch.Tensor] = {}
+    if cfg.seasonal_check and seasonal_raw is not None and seasonal_scored is not None:
+        # The seasonal check's own likelihood; the more surprising of the two tails counts, with a
+        # Bonferroni factor of 2 where both exist (the tails are kept in natural-log units here).
+        sx = seasonal_scored & scored
+        log_sx, sx_rows = short_term_tail(rows, SEASONAL_LIKELIHOOD, seasonal_raw, rows["sx_n"], cfg)
+        seasonal_won = sx & (log_sx < log_short)
+        log_short = torch.where(sx, (torch.minimum(log_short, log_sx) + LOG_2).clamp(max=0.0), log_short)
+        sx_rows["sx_n"] = rows["sx_n"] + 1
+        sx_rows = {k: torch.where(_bcast(sx, v), v, rows[k]) for k, v in sx_rows.items()}
     log_tails = [log_short]
     if cfg.point_likelihood:
         # Invert raw = 1 − exp(−(z/c)²/2) for the equivalent |z|; its two-sided Gaussian tail.
         z_eq = cfg.score_c * torch.sqrt(-2.0 * torch.log1p(-raw.clamp(max=RAW_MAX)))
         log_tails.append(LOG_2 + torch.special.log_ndtr(-z_eq))
-    alpha = 1.0 / torch.clamp(n + 1, max=cfg.likelihood_long)
-    delta = short - rows["lt_mean"]
-    lt_mean = rows["lt_mean"] + alpha * delta
-    lt_var = (1 - alpha) * (rows["lt_var"] + alpha * delta * delta)
 
     # Range check on the raw values.
     lo, hi = rows["rng_lo"], rows["rng_hi"]
@@ -357,18 +480,13 @@ def calibrate(
     new_lo = torch.where(observed, torch.minimum(lo, x), lo)
     new_hi = torch.where(observed, torch.maximum(hi, x), hi)
 
-    new = {
-        "cal_n": n + 1,
-        "smooth": smoothed,
-        "st_ring": ring,
-        "lt_mean": lt_mean,
-        "lt_var": lt_var,
-    }
+    new = {"cal_n": n + 1, "smooth": smoothed, **lik_rows}
     if cfg.alert_filter:
         new["prev_s"] = prev_s
     new.update(cal_rows)
     keep = {k: torch.where(_bcast(scored, v), v, rows[k]) for k, v in new.items()}
     keep["rng_lo"], keep["rng_hi"] = new_lo, new_hi
+    keep.update(sx_rows)
     if cfg.stuck_check:
         keep.update(stuck_rows)
     likelihood = torch.where(scored, likelihood, torch.zeros_like(likelihood))
@@ -383,7 +501,7 @@ def calibrate(
         # A stuck run or an out-of-range reading stays flagged for as long as it lasts, even where
         # the alert filter lowered its likelihood (the likelihood ranks alerts; the flag is a state).
         decision = (likelihood >= cfg.likelihood_threshold) | hard
-    return CalibrationOut(smoothed, threshold, likelihood, decision & scored & armed, keep)
+    return CalibrationOut(smoothed, threshold, likelihood, decision & scored & armed, keep, seasonal_won)
 
 
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

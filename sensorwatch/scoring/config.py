@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CalibratorName = Literal["likelihood", "threshold"]
 CALIBRATORS: tuple[CalibratorName, ...] = ("likelihood", "threshold")
+#: Most bins per seasonal period (one week of minutes): the ring is per device and channel.
+MAX_SEASON_BINS = 10_080
 
 
 class ScorerConfig(BaseModel):
@@ -102,6 +104,29 @@ class ScorerConfig(BaseModel):
         description="Stuck-sensor check: a run of r identical values on a channel whose repeat rate so far "
         "is p has likelihood 1 − p^r (Laplace-smoothed p), so a noisy sensor that freezes is caught.",
     )
+    seasonal_check: bool = Field(
+        True,
+        description="Seasonal context check (likelihood calibrator): a second, model-independent expert "
+        "compares each reading with the device's mean reading in the same time bin one seasonal period "
+        "earlier (after removing the recent level difference) and gives it its own anomaly likelihood; "
+        "the more surprising of the forecast and seasonal likelihoods counts, less log10(2) digits "
+        "(Bonferroni) where both speak. Catches contextual anomalies a one-step forecast misses (a normal "
+        "value at the wrong time of day).",
+    )
+    seasonal_period_s: float = Field(86_400.0, gt=0, description="Seasonal period (seconds) of the check.")
+    seasonal_bin_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Time bin (seconds) of the seasonal check's per-device ring of bin means "
+        "(period / bin + 1 slots per channel: 25 with the defaults, ~0.4 KB per univariate device).",
+    )
+    seasonal_level_alpha: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="EWMA weight of the newest level difference (reading − same bin a period earlier) that "
+        "the seasonal check removes, so a level shift that has persisted stops being surprising.",
+    )
     empirical_surprise: bool = Field(
         False,
         description="Recalibrate the model's surprise (−log10 of the point / short-term tail) against the "
@@ -145,4 +170,9 @@ class ScorerConfig(BaseModel):
             raise ValueError("z_max must be >= z_min")
         if self.filter_yellow > self.filter_red:
             raise ValueError("filter_yellow must be <= filter_red")
+        bins = self.seasonal_period_s / self.seasonal_bin_s
+        if abs(bins - round(bins)) > 1e-9 * bins or not 1 <= round(bins) <= MAX_SEASON_BINS:
+            raise ValueError(
+                f"seasonal_period_s / seasonal_bin_s must be a whole number of bins in 1..{MAX_SEASON_BINS}"
+            )
         return self

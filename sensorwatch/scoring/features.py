@@ -149,13 +149,14 @@ def featurize_sequence(
 
 
 # ---------------------------------------------------------------------------------------------- seasonal
-def season_slots(bin_s: float = SEASON_BIN_S) -> int:
-    """Slots of the seasonal ring: one week of bins plus one.
+def season_slots(bin_s: float = SEASON_BIN_S, span_s: float = WEEK_S) -> int:
+    """Slots of a seasonal ring: ``span_s`` of bins plus one (so the slot one span before the bin
+    being filled is never the one being filled).
 
-    >>> season_slots(3600.0), season_slots(300.0)
-    (169, 2017)
+    >>> season_slots(3600.0), season_slots(300.0), season_slots(3600.0, DAY_S)
+    (169, 2017, 25)
     """
-    return round(WEEK_S / bin_s) + 1
+    return round(span_s / bin_s) + 1
 
 
 def season_lags(bin_s: float = SEASON_BIN_S) -> tuple[int, int]:
@@ -177,13 +178,16 @@ def step_feature(
     return step, {"last_x": x_filled}
 
 
-def seasonal_columns(channels: int, bin_s: float = SEASON_BIN_S) -> dict[str, ColumnSpec]:
-    """Per-device seasonal memory (updated in place: the scorer never gathers it whole)."""
-    slots = season_slots(bin_s)
+def seasonal_columns(
+    channels: int, bin_s: float = SEASON_BIN_S, span_s: float = WEEK_S, prefix: str = "sea"
+) -> dict[str, ColumnSpec]:
+    """Per-device ring of bin means over ``span_s`` (updated in place: the scorer never gathers it
+    whole). ``prefix`` names the columns, so that several rings can live in one store."""
+    slots = season_slots(bin_s, span_s)
     return {
-        "sea_mean": ColumnSpec((slots, channels), torch.float32),
-        "sea_cnt": ColumnSpec((slots, channels), torch.float32),
-        "sea_bin": ColumnSpec((slots,), F64, -1.0),
+        f"{prefix}_mean": ColumnSpec((slots, channels), torch.float32),
+        f"{prefix}_cnt": ColumnSpec((slots, channels), torch.float32),
+        f"{prefix}_bin": ColumnSpec((slots,), F64, -1.0),
     }
 
 
@@ -197,19 +201,38 @@ def seasonal_update(
     x: torch.Tensor,
     observed: torch.Tensor,
     bin_s: float = SEASON_BIN_S,
+    prefix: str = "sea",
 ) -> None:
     """Fold readings ``x`` (B, C) at ``ts`` (B,) into the bin means of devices ``rows`` (B,, distinct),
     in place. A slot last written for another bin is restarted."""
+    means, counts, bins = cols[f"{prefix}_mean"], cols[f"{prefix}_cnt"], cols[f"{prefix}_bin"]
     k = torch.floor(ts / bin_s)
-    slot = torch.remainder(k, cols["sea_bin"].shape[1]).long()
-    stale = cols["sea_bin"][rows, slot] != k
-    cnt_old = torch.where(stale[:, None], 0.0, cols["sea_cnt"][rows, slot].to(F64))
-    mean_old = torch.where(stale[:, None], 0.0, cols["sea_mean"][rows, slot].to(F64))
+    slot = torch.remainder(k, bins.shape[1]).long()
+    stale = bins[rows, slot] != k
+    cnt_old = torch.where(stale[:, None], 0.0, counts[rows, slot].to(F64))
+    mean_old = torch.where(stale[:, None], 0.0, means[rows, slot].to(F64))
     cnt = cnt_old + observed.to(F64)
     mean = torch.where(observed, mean_old + (x - mean_old) / cnt.clamp_min(1.0), mean_old)
-    cols["sea_mean"][rows, slot] = mean.to(torch.float32)
-    cols["sea_cnt"][rows, slot] = cnt.to(torch.float32)
-    cols["sea_bin"][rows, slot] = k
+    means[rows, slot] = mean.to(torch.float32)
+    counts[rows, slot] = cnt.to(torch.float32)
+    bins[rows, slot] = k
+
+
+def seasonal_lookup(
+    cols: Mapping[str, torch.Tensor],
+    rows: torch.Tensor,
+    ts: torch.Tensor,
+    lag: int,
+    bin_s: float = SEASON_BIN_S,
+    prefix: str = "sea",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean (B, C) float64 of the bin ``lag`` bins before the bin of ``ts`` (B,), and whether that
+    bin holds readings of each channel (B, C) — False once its slot was reused for a later bin."""
+    means, counts, bins = cols[f"{prefix}_mean"], cols[f"{prefix}_cnt"], cols[f"{prefix}_bin"]
+    b = torch.floor(ts / bin_s) - lag
+    slot = torch.remainder(b, bins.shape[1]).long()
+    present = (bins[rows, slot] == b)[:, None] & (counts[rows, slot] > 0)
+    return means[rows, slot].to(F64), present
 
 
 def seasonal_features(
@@ -223,14 +246,9 @@ def seasonal_features(
     """(B, 4C) float64: for each lag of :func:`season_lags`, the bin's mean that long before
     ``target_ts`` relative to ``ref`` (the current reading) in normaliser units (0 when unknown),
     and its presence mask."""
-    k = torch.floor(target_ts / bin_s)
-    slots = cols["sea_bin"].shape[1]
     parts = []
     for lag in season_lags(bin_s):
-        b = k - lag
-        slot = torch.remainder(b, slots).long()
-        present = (cols["sea_bin"][rows, slot] == b)[:, None] & (cols["sea_cnt"][rows, slot] > 0)
-        m = cols["sea_mean"][rows, slot].to(F64)
+        m, present = seasonal_lookup(cols, rows, target_ts, lag, bin_s)
         v = torch.where(present, ((m - ref) / scale).clamp(-SEASON_CLIP, SEASON_CLIP), 0.0)
         parts += [v, present.to(F64)]
     return torch.cat(parts, 1)

@@ -56,6 +56,8 @@ def core_columns(model: Forecaster) -> dict[str, ColumnSpec]:
         "last_likelihood": ColumnSpec((), F64, math.nan),
         "pred_mean": ColumnSpec((c,), F64),
         "pred_scale": ColumnSpec((c,), F64, 1.0),
+        # The model's predicted scale in normalised units (pred_scale without the normaliser's std).
+        "pred_rel": ColumnSpec((c,), F64, 1.0),
     }
     for name, shape in model.state_shapes.items():
         cols[name] = ColumnSpec(shape, torch.float32)
@@ -305,11 +307,22 @@ class StreamScorer:
         since = torch.where(gap, torch.ones_like(g["since_reset"]), g["since_reset"] + 1)
         warming = since <= cfg.warmup
         # Residual scale is learnt only after warm-up: the normaliser is still settling before.
+        resid = x - g["pred_mean"]
         z, upd_z = cal.recalibrate(
-            g, (x - g["pred_mean"]) / g["pred_scale"], scored_ch, scored_ch & ~warming[:, None], cfg
+            g, resid / g["pred_scale"], resid / g["pred_rel"], scored_ch, scored_ch & ~warming[:, None], cfg
         )
         raw, attribution = cal.raw_score(z, scored_ch, cfg.score_c)
-        co = cal.calibrate(g, raw, x, observed, has_pred, ~warming, cfg)
+        sx_raw = sx_scored = None
+        upd_sx: dict[str, torch.Tensor] = {}
+        if cfg.seasonal_check:
+            z_sx, sx_ch, upd_sx = cal.seasonal_residual(
+                self.store.columns, rows, g, ts, x, observed, torch.ones_like(warming), cfg
+            )
+            sx_raw, sx_attr = cal.raw_score(z_sx, sx_ch, cfg.score_c)
+            sx_scored = sx_ch.any(1)
+        co = cal.calibrate(g, raw, x, observed, has_pred, ~warming, cfg, sx_raw, sx_scored)
+        if cfg.seasonal_check:
+            attribution = torch.where(co.seasonal_won[:, None], sx_attr, attribution)
 
         # Impute missing channels with the prediction (or the running mean before the first one).
         x_filled = torch.where(observed, x, torch.where(has_pred[:, None], g["pred_mean"], g["norm_mean"]))
@@ -339,6 +352,7 @@ class StreamScorer:
         new = {
             **co.rows,
             **upd_z,
+            **upd_sx,
             **upd,
             **upd_dt,
             **upd_step,
@@ -350,6 +364,7 @@ class StreamScorer:
             "has_pred": torch.ones_like(has_pred),
             "pred_mean": mean_n.to(F64) * scale + centre,
             "pred_scale": scale_n.to(F64) * scale,
+            "pred_rel": scale_n.to(F64),
         }
         for k in self._gathered:
             self.store.columns[k].index_copy_(0, rows, new[k].to(self.store.columns[k].dtype))
