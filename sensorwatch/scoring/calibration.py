@@ -16,9 +16,15 @@ Pipeline for a batch of B readings of B distinct devices (every function works o
    digits, unbounded). Optionally (``empirical_surprise``) each kind of surprise is first
    recalibrated against the device's own history (conformal, Bonferroni over the kinds). Numenta's
    alert filter (``alert_filter``) then lowers a red reading that follows a red reading (one alert
-   per episode).
+   per episode); with it, the likelihood calibrator's ``is_anomaly`` also marks only the first
+   reading of an episode at the decision cut (range and stuck flags last as long as the condition).
    likelihood = :func:`surprise_to_likelihood` (S): exactly 1 − 10^(−S) up to S = 8, compressed
    above so that it never rounds to 1.0 in float64 — the column is order-preserving without ties.
+   **Seasonal check** (``seasonal_check``, :func:`seasonal_residual`): a model-independent second
+   expert compares each reading with the same time bin one period earlier (level offset removed)
+   and gets its own likelihood of the same kind; the more surprising of the two tails counts, times
+   2 (Bonferroni) where both speak. It sees contextual anomalies — a normal value at the wrong time
+   of day — that a one-step forecast cannot.
 4. **Range check**: a value outside the device's range so far by more than ``range_margin`` of the
    range gets likelihood exactly 1 (the one top value) — one isolated spike barely moves a
    short-term mean, this catches it.
@@ -160,6 +166,9 @@ def recalibrate(
     return z_cal, {"zvar_n": n_new, "zvar": var + alpha * (e2 - var)}
 
 
+#: Seasonal-check residuals beyond this many RMS are not remembered, and move the level offset by at
+#: most this many RMS (see :func:`seasonal_residual`).
+SEASONAL_CLIP = 3.0
 #: Prefix of the seasonal check's ring of bin means (see :func:`seasonal_residual`).
 SEASONAL_RING = "sx"
 #: Columns the scorer must not gather/scatter per step (updated in place by the calibrator).
@@ -177,7 +186,6 @@ def seasonal_check_columns(channels: int, cfg: ScorerConfig) -> dict[str, Column
     return {
         **ring,
         "sx_lvl": ColumnSpec((channels,), F64),
-        "sx_lvl_n": ColumnSpec((channels,), F64),
         "sx_zvar": ColumnSpec((channels,), F64),
         "sx_zn": ColumnSpec((channels,), F64),
         "sx_n": ColumnSpec((), F64),
@@ -194,47 +202,50 @@ def seasonal_residual(
     ts: torch.Tensor,
     x: torch.Tensor,
     observed: torch.Tensor,
-    learn: torch.Tensor,
     cfg: ScorerConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The seasonal check's standardised residuals (B, C) and which channels have one (B, C).
 
-    For each observed channel: ``d = x − m``, ``m`` the device's mean reading in the same time bin one
-    ``seasonal_period_s`` earlier (from the ring in ``memory``, rows ``idx``; readings are folded in
-    afterwards, in place); residual ``e = d − L``, ``L`` the EWMA of past ``d`` (the recent level
-    difference: a level shift stops being surprising once it has persisted, a reading that breaks the
-    daily shape does not); ``z = e / RMS`` of past residuals (clipped at ``RECAL_CLIP`` like
-    :func:`recalibrate`, floored like the normaliser's std). A channel has a residual only once its
-    level and ``RECAL_MIN`` residuals are known. ``learn`` (B,) marks readings whose residuals update
-    the RMS (past warm-up).
+    An additive season-plus-level model per device and channel: the ring in ``memory`` (rows ``idx``)
+    holds, per time bin, the mean *level-free* reading ``x − L`` one ``seasonal_period_s`` earlier
+    (``m``), and ``L`` is the level offset since then. For an observed channel with a remembered bin:
+    ``d = x − m``, residual ``e = d − L``, ``z = e / RMS`` of past residuals (floored like the
+    normaliser's std); then ``L`` moves towards ``d`` by ``seasonal_level_alpha`` of ``e`` (clipped at
+    ``SEASONAL_CLIP`` RMS), so a level shift stops being surprising once it has persisted while a
+    reading that breaks the daily shape does not.
+
+    Only *ordinary* readings (``|z| ≤ SEASONAL_CLIP``, or no residual yet) are remembered, as
+    ``x − L``: an anomalous stretch leaves its bins empty, so the check abstains there one period
+    later instead of raising an echo of the anomaly, and a level shift is remembered relative to the
+    level that absorbed it (no echo either). A lasting change of the daily shape is re-learnt: its
+    bins alert for one period, are empty the next (the check abstains) and are remembered after.
+
+    A channel has a residual once ``max(RECAL_MIN, warmup)`` residuals set its RMS (each clipped at
+    ``RECAL_CLIP`` RMS like :func:`recalibrate`); the check's own likelihood counts after ``warmup``
+    more (:func:`calibrate`), so a new device's seasonal check speaks from its second period on.
+    Memory with the defaults (hourly bins, a day): 25 slots, about 0.4 KB per univariate device.
     """
     lag = round(cfg.seasonal_period_s / cfg.seasonal_bin_s)
-    ref, present = feat.seasonal_lookup(memory, idx, ts, lag, cfg.seasonal_bin_s, prefix=SEASONAL_RING)
-    feat.seasonal_update(memory, idx, ts, x, observed, cfg.seasonal_bin_s, prefix=SEASONAL_RING)
+    ref, present = feat.seasonal_lookup(memory, idx, ts, lag, cfg.seasonal_bin_s, SEASONAL_RING)
     present = present & observed
-    d = torch.where(present, x - ref, 0.0)
-    lvl, lvl_n = rows["sx_lvl"], rows["sx_lvl_n"]
-    known = lvl_n > 0
-    has_e = present & known
-    e = torch.where(has_e, d - lvl, 0.0)
-    new_lvl = torch.where(present, torch.where(known, lvl + cfg.seasonal_level_alpha * (d - lvl), d), lvl)
+    lvl = rows["sx_lvl"]
+    e = torch.where(present, x - ref - lvl, 0.0)
 
     n, var = rows["sx_zn"], rows["sx_zvar"]
-    ready = n >= RECAL_MIN
-    floor = torch.clamp(cfg.std_floor_rel * ref.abs(), min=cfg.std_floor_abs)
-    scored = has_e & ready
-    z = torch.where(scored, e / torch.maximum(torch.sqrt(var), floor), 0.0)
-    lrn = has_e & learn[:, None]
+    ready = n >= max(RECAL_MIN, cfg.warmup)
+    rms = torch.maximum(torch.sqrt(var), torch.clamp(cfg.std_floor_rel * ref.abs(), min=cfg.std_floor_abs))
+    scored = present & ready
+    z = torch.where(scored, e / rms, 0.0)
+    step = torch.where(ready, torch.maximum(torch.minimum(e, SEASONAL_CLIP * rms), -SEASONAL_CLIP * rms), e)
+    new_lvl = torch.where(present, lvl + cfg.seasonal_level_alpha * step, lvl)
+    ordinary = observed & ~(scored & (z.abs() > SEASONAL_CLIP))
+    feat.seasonal_update(memory, idx, ts, x - new_lvl, ordinary, cfg.seasonal_bin_s, prefix=SEASONAL_RING)
+
     e2 = torch.where(ready, torch.minimum(e * e, RECAL_CLIP**2 * var), e * e)
-    n_new = n + lrn.to(F64)
+    n_new = n + present.to(F64)
     window = cfg.recalibrate_window or 1000
-    alpha = torch.where(lrn, 1.0 / n_new.clamp(min=1, max=window), 0.0)
-    upd = {
-        "sx_lvl": new_lvl,
-        "sx_lvl_n": lvl_n + present.to(F64),
-        "sx_zn": n_new,
-        "sx_zvar": var + alpha * (e2 - var),
-    }
+    alpha = torch.where(present, 1.0 / n_new.clamp(min=1, max=window), 0.0)
+    upd = {"sx_lvl": new_lvl, "sx_zn": n_new, "sx_zvar": var + alpha * (e2 - var)}
     return z, scored, upd
 
 
@@ -432,10 +443,12 @@ def calibrate(
         # Bonferroni factor of 2 where both exist (the tails are kept in natural-log units here).
         sx = seasonal_scored & scored
         log_sx, sx_rows = short_term_tail(rows, SEASONAL_LIKELIHOOD, seasonal_raw, rows["sx_n"], cfg)
+        # Its own warm-up: the long-term statistics of its scores need ``warmup`` readings too.
+        sx_rows = {k: torch.where(_bcast(sx, v), v, rows[k]) for k, v in sx_rows.items()}
+        sx_rows["sx_n"] = rows["sx_n"] + sx.to(F64)
+        sx = sx & (rows["sx_n"] >= cfg.warmup)
         seasonal_won = sx & (log_sx < log_short)
         log_short = torch.where(sx, (torch.minimum(log_short, log_sx) + LOG_2).clamp(max=0.0), log_short)
-        sx_rows["sx_n"] = rows["sx_n"] + 1
-        sx_rows = {k: torch.where(_bcast(sx, v), v, rows[k]) for k, v in sx_rows.items()}
     log_tails = [log_short]
     if cfg.point_likelihood:
         # Invert raw = 1 − exp(−(z/c)²/2) for the equivalent |z|; its two-sided Gaussian tail.
@@ -500,7 +513,13 @@ def calibrate(
         threshold = torch.full_like(likelihood, cfg.likelihood_threshold)
         # A stuck run or an out-of-range reading stays flagged for as long as it lasts, even where
         # the alert filter lowered its likelihood (the likelihood ranks alerts; the flag is a state).
-        decision = (likelihood >= cfg.likelihood_threshold) | hard
+        decision = likelihood >= cfg.likelihood_threshold
+        if cfg.alert_filter:
+            # One flag per episode at the decision cut as well: a reading whose predecessor was
+            # already that surprising (before filtering) continues the episode, it does not start one.
+            cut = -math.log10(1.0 - cfg.likelihood_threshold)
+            decision = decision & ~(rows["prev_s"] >= cut)
+        decision = decision | hard
     return CalibrationOut(smoothed, threshold, likelihood, decision & scored & armed, keep, seasonal_won)
 
 

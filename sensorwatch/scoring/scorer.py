@@ -315,9 +315,7 @@ class StreamScorer:
         sx_raw = sx_scored = None
         upd_sx: dict[str, torch.Tensor] = {}
         if cfg.seasonal_check:
-            z_sx, sx_ch, upd_sx = cal.seasonal_residual(
-                self.store.columns, rows, g, ts, x, observed, torch.ones_like(warming), cfg
-            )
+            z_sx, sx_ch, upd_sx = cal.seasonal_residual(self.store.columns, rows, g, ts, x, observed, cfg)
             sx_raw, sx_attr = cal.raw_score(z_sx, sx_ch, cfg.score_c)
             sx_scored = sx_ch.any(1)
         co = cal.calibrate(g, raw, x, observed, has_pred, ~warming, cfg, sx_raw, sx_scored)
