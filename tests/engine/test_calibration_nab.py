@@ -46,7 +46,7 @@ def test_empirical_surprise_discounts_a_device_that_is_always_surprised() -> Non
     assert out[1, 0] > math.log10(501)  # beyond anything device 1 has seen
 
 
-def _episode(alert_filter: bool) -> list[float]:
+def _episode(alert_filter: bool, flags: list[bool] | None = None) -> list[float]:
     cfg = ScorerConfig(alert_filter=alert_filter, stuck_check=False, range_margin=None)
     rows = _rows(cfg, 1)
     liks = []
@@ -64,6 +64,8 @@ def _episode(alert_filter: bool) -> list[float]:
         )
         rows = co.rows
         liks.append(co.likelihood.item())
+        if flags is not None:
+            flags.append(bool(co.decision.item()))
     return liks
 
 
@@ -82,3 +84,17 @@ def test_alert_filter_keeps_the_first_red_reading_of_a_run() -> None:
     assert (on[~follow] == off[~follow]).all()  # nothing else changes
     # Order among lowered readings is kept (no ties created by the filter).
     assert torch.equal(torch.argsort(on[follow]), torch.argsort(off[follow]))
+
+
+def test_one_flag_per_episode_at_the_decision_cut() -> None:
+    """With the filter, is_anomaly marks the first reading of a run that is at least as surprising as
+    the decision cut (4 digits), not every reading of it — also where the run stays below red (5)."""
+    on: list[bool] = []
+    off: list[bool] = []
+    lik_off = _episode(False, off)
+    _episode(True, on)
+    cut = ScorerConfig().likelihood_threshold
+    above = [lik >= cut for lik in lik_off]
+    assert sum(above[195:215]) >= 3 and sum(off[195:215]) == sum(above[195:215])
+    first = above.index(True, 195)
+    assert on[first] and sum(on[195:215]) == 1
