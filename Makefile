@@ -48,7 +48,13 @@ bench: $(STAMP)
 	$(BIN)/sensorwatch bench engine --json out/bench-engine.json
 
 # Shipped default models, rebuilt from simulated data (seeded; CPU; card.json records the command).
+# univariate/2 (the service default) learns from the varied fleet; univariate/1 (the previous default,
+# sine-shaped fleet) is kept as a rollback target; machine8/1 is the 8-channel model.
 models: $(STAMP)
+	$(BIN)/sensorwatch simulate --out out/train/varied --devices 256 --readings 4000 --anomaly-rate 0 --seed 103 \
+		--profiles varied
+	$(BIN)/sensorwatch train --data out/train/varied --out models/univariate --version 2 \
+		--cell lstm --hidden 32 --layers 1 --epochs 12 --seed 0
 	$(BIN)/sensorwatch simulate --out out/train/univariate --devices 128 --readings 4000 --anomaly-rate 0 --seed 101
 	$(BIN)/sensorwatch train --data out/train/univariate --out models/univariate --version 1 \
 		--cell lstm --hidden 32 --layers 1 --epochs 12 --seed 0

@@ -1,7 +1,8 @@
 """Event recall and false-positive rate on the simulated fleet (seeded), per anomaly kind.
 
-python scripts/eval_simulated.py [--point] [MODEL ...] — MODEL is a model reference
-(``univariate``, ``machine8``) or ``builtin``; ``--point`` turns on the opt-in ``point_likelihood``.
+python scripts/eval_simulated.py [--point] [--scorer KEY=VALUE ...] [MODEL ...] — MODEL is a model
+reference (``univariate``, ``univariate/1``, ``machine8``) or ``builtin``; ``--point`` turns on the
+opt-in ``point_likelihood``, ``--scorer`` overrides any scorer setting (e.g. ``seasonal_check=false``).
 An anomaly event counts as caught when any reading from its start to 5 readings after its end is
 flagged; false positives are flagged readings outside events, after the
 first 400 readings of each device. The fleet is a different seed from the models' training data.
@@ -16,6 +17,7 @@ import numpy as np
 
 from sensorwatch import ReadingBatch, ScorerConfig, StreamScorer
 from sensorwatch.artifacts import load_model
+from sensorwatch.scoring.config import config_with
 from sensorwatch.simulate import Fleet
 
 DEVICES, READINGS, SKIP = 300, 3000, 400
@@ -65,7 +67,10 @@ if __name__ == "__main__":
     print("| model | channels | caught / events per kind | false positives per 1000 normal readings | time |")
     print("|---|---|---|---|---|")
     args = sys.argv[1:]
-    point = "--point" in args
-    config = ScorerConfig(point_likelihood=point)
-    for ref in [a for a in args if a != "--point"] or ["builtin", "univariate", "machine8"]:
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--scorer" and i + 1 < len(args)]
+    refs = [
+        a for i, a in enumerate(args) if a not in ("--point", "--scorer") and args[i - 1 : i] != ["--scorer"]
+    ]
+    config = config_with(overrides, point_likelihood="--point" in args)
+    for ref in refs or ["builtin", "univariate", "machine8"]:
         print(evaluate(ref, 1, config), flush=True)

@@ -84,6 +84,8 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    # safetensors writes owner-only files; an artifact is read by the service's own (other) user.
+    weights.chmod(0o644)
     card = {
         "schema": CARD_SCHEMA,
         "name": name,

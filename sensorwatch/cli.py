@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sensorwatch.scoring.batch import ReadingBatch
-from sensorwatch.scoring.config import CALIBRATORS, ScorerConfig
+from sensorwatch.scoring.config import CALIBRATORS, ScorerConfig, config_with
 
 
 def _score_csv(args: argparse.Namespace) -> int:
@@ -64,7 +64,12 @@ def _bench(args: argparse.Namespace) -> int:
     from sensorwatch.bench import engine
 
     devices = tuple(int(x) for x in args.devices.split(","))
-    return engine.main(devices, args.json, args.model, args.trials, args.min_seconds, args.models_dir)
+    try:
+        config = config_with(args.scorer or ())
+    except ValueError as exc:
+        print(f"sensorwatch bench: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    return engine.main(devices, args.json, args.model, args.trials, args.min_seconds, args.models_dir, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--models-dir", default=None, help="models directory (default: ./models)")
     e.add_argument("--trials", type=int, default=5)
     e.add_argument("--min-seconds", type=float, default=1.0, help="minimum duration of one timed trial")
+    e.add_argument(
+        "--scorer", action="append", metavar="KEY=VALUE", help="override a scorer setting (repeatable)"
+    )
     e.set_defaults(func=_bench)
 
     from sensorwatch.training.cli import add_parsers, simulate_files

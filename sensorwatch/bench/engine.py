@@ -51,8 +51,11 @@ def _timed(work: Callable[[int], int], trials: int, min_s: float, min_calls: int
     return statistics.median(rates), statistics.median(call_ms)
 
 
-def _batched(model: Forecaster, version: str, n: int, trials: int, min_s: float) -> tuple[float, float]:
-    scorer = StreamScorer(model, ScorerConfig(max_devices=max(n, 1)), model_version=version)
+def _batched(
+    model: Forecaster, version: str, cfg: ScorerConfig, n: int, trials: int, min_s: float
+) -> tuple[float, float]:
+    cfg = cfg.model_copy(update={"max_devices": max(n, 1)})
+    scorer = StreamScorer(model, cfg, model_version=version)
     ids = [f"dev-{i:06d}" for i in range(n)]
     values = np.random.default_rng(0).standard_normal((n, model.config.channels))
     t_base = 1.7e9
@@ -81,8 +84,11 @@ def _naive_forward(model: Forecaster, n: int, trials: int, min_s: float) -> floa
         return _timed(work, trials, min_s, 10)[0]
 
 
-def _naive_step(model: Forecaster, version: str, n: int, trials: int, min_s: float) -> float:
-    scorer = StreamScorer(model, ScorerConfig(max_devices=max(n, 1)), model_version=version)
+def _naive_step(
+    model: Forecaster, version: str, cfg: ScorerConfig, n: int, trials: int, min_s: float
+) -> float:
+    cfg = cfg.model_copy(update={"max_devices": max(n, 1)})
+    scorer = StreamScorer(model, cfg, model_version=version)
     ids = [f"dev-{i:06d}" for i in range(min(n, 2_000))]
     vals = np.zeros((1, model.config.channels))
 
@@ -101,14 +107,16 @@ def run(
     min_s: float = 1.0,
     channels: int = 1,
     models_dir: str | None = None,
+    config: ScorerConfig | None = None,
 ) -> dict[str, Any]:
+    cfg = config or ScorerConfig()
     model, version = load_default_or_builtin(model_ref, models_dir, channels)
     model.eval()
     rows = []
     for n in devices:
-        rate, step_ms = _batched(model, version, n, trials, min_s)
+        rate, step_ms = _batched(model, version, cfg, n, trials, min_s)
         naive = _naive_forward(model, n, trials, min_s / 2)
-        naive_step = _naive_step(model, version, n, trials, min_s / 2)
+        naive_step = _naive_step(model, version, cfg, n, trials, min_s / 2)
         rows.append(
             {
                 "devices": n,
@@ -120,16 +128,17 @@ def run(
             }
         )
         print(_fmt_row(rows[-1]), flush=True)
-    cfg = model.config
+    arch = model.config
     return {
         "model": version,
         "architecture": {
-            "cell": cfg.cell,
-            "hidden_size": cfg.hidden_size,
-            "num_layers": cfg.num_layers,
-            "channels": cfg.channels,
-            "seasonal": cfg.seasonal,
+            "cell": arch.cell,
+            "hidden_size": arch.hidden_size,
+            "num_layers": arch.num_layers,
+            "channels": arch.channels,
+            "seasonal": model.config.seasonal,
         },
+        "scorer_overrides": cfg.model_dump(exclude_defaults=True),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -159,9 +168,12 @@ def main(
     trials: int,
     min_s: float,
     models_dir: str | None = None,
+    config: ScorerConfig | None = None,
 ) -> int:
     print(HEADER, flush=True)
-    report = run(devices, model_ref=model_ref, trials=trials, min_s=min_s, models_dir=models_dir)
+    report = run(
+        devices, model_ref=model_ref, trials=trials, min_s=min_s, models_dir=models_dir, config=config
+    )
     text = json.dumps(report, indent=2)
     if json_out:  # written before anything else is printed: a closed stdout must not lose it
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import numpy as np
 from sensorwatch.artifacts import load_default_or_builtin
 from sensorwatch.evaluation.nab import PROFILES, event_metrics, load_corpus, score_all_profiles
 from sensorwatch.evaluation.stream import stream_scores
-from sensorwatch.scoring.config import ScorerConfig
+from sensorwatch.scoring.config import ScorerConfig, config_with
 from sensorwatch.scoring.scorer import StreamScorer
 
 
@@ -86,9 +86,12 @@ class _FileBar:
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
-    report, scores, files = evaluate(
-        args.nab, args.model, args.models_dir, ScorerConfig(calibrator=args.calibrator)
-    )
+    try:
+        config = config_with(args.scorer or (), calibrator=args.calibrator)
+    except ValueError as exc:
+        print(f"sensorwatch evaluate: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    report, scores, files = evaluate(args.nab, args.model, args.models_dir, config)
     nab = report["nab"]
     print(
         f"NAB on {report['files']} files, {report['rows']} rows, model {report['model']} "
@@ -122,6 +125,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", default=None)
     e.add_argument("--models-dir", default=None)
     e.add_argument("--calibrator", choices=("likelihood", "threshold"), default="likelihood")
+    e.add_argument(
+        "--scorer",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a scorer setting (repeatable), e.g. --scorer seasonal_check=false",
+    )
     e.add_argument("--json", help="write the report as JSON")
     e.add_argument("--scores-out", help="write timestamp,value,anomaly_score CSVs under this directory")
     e.set_defaults(func=evaluate_main)

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -176,3 +177,29 @@ class ScorerConfig(BaseModel):
                 f"seasonal_period_s / seasonal_bin_s must be a whole number of bins in 1..{MAX_SEASON_BINS}"
             )
         return self
+
+
+def config_with(overrides: Sequence[str] = (), **base: Any) -> ScorerConfig:
+    """A :class:`ScorerConfig` from ``base`` fields plus ``KEY=VALUE`` overrides (command lines).
+
+    Values are parsed by the field's type (``none`` is None); an unknown key or a bad value is a
+    ``ValueError`` naming it.
+
+    >>> cfg = config_with(["seasonal_check=false", "seasonal_bin_s=1800", "range_margin=none"], warmup=10)
+    >>> cfg.seasonal_check, cfg.seasonal_bin_s, cfg.range_margin, cfg.warmup
+    (False, 1800.0, None, 10)
+    >>> config_with(["no_such=1"])
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown scorer setting 'no_such'
+    """
+    fields = dict(base)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"scorer setting {item!r} is not KEY=VALUE")
+        if key not in ScorerConfig.model_fields:
+            raise ValueError(f"unknown scorer setting {key!r}")
+        fields[key] = None if value.strip().lower() in ("none", "null") else value.strip()
+    return ScorerConfig(**fields)

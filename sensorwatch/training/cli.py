@@ -73,6 +73,9 @@ def train_main(args: argparse.Namespace) -> int:
             "environment": build_environment(),
         },
         "validation": {"nll": result.best_val, "best_epoch": result.best_epoch},
+        # The features were computed with these normalisation settings, and the model was meant to be
+        # scored with these calibration defaults (the scorer's at training time).
+        "scorer": _scorer_card(trainer.scorer_cfg),
         "command": "sensorwatch " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
     }
     path = save_model(result.model, out.parent, out.name, version, **card_extra)
@@ -82,6 +85,19 @@ def train_main(args: argparse.Namespace) -> int:
         f"sha256 {card['sha256']}"
     )
     return 0
+
+
+#: ScorerConfig fields that shape the model's input features (they must match at scoring time).
+NORMALISATION_FIELDS = ("norm_window", "std_floor_rel", "std_floor_abs", "dt_window", "dt_clip")
+
+
+def _scorer_card(cfg: ScorerConfig) -> dict[str, dict[str, object]]:
+    dump = cfg.model_dump()
+    store = {"max_devices", "device_ttl_s", "state_chunk"}
+    return {
+        "normalisation": {k: dump[k] for k in NORMALISATION_FIELDS},
+        "calibration": {k: v for k, v in dump.items() if k not in store and k not in NORMALISATION_FIELDS},
+    }
 
 
 def build_environment() -> dict[str, str]:

@@ -95,6 +95,8 @@ def test_one_flag_per_episode_at_the_decision_cut() -> None:
     _episode(True, on)
     cut = ScorerConfig().likelihood_threshold
     above = [lik >= cut for lik in lik_off]
-    assert sum(above[195:215]) >= 3 and sum(off[195:215]) == sum(above[195:215])
+    assert sum(above[195:215]) >= 3
+    assert sum(off[195:215]) == sum(above[195:215])
     first = above.index(True, 195)
-    assert on[first] and sum(on[195:215]) == 1
+    assert on[first]
+    assert sum(on[195:215]) == 1

@@ -100,6 +100,12 @@ def test_train_command_writes_a_loadable_artifact(tmp_path: Path) -> None:
     assert len(card["training"]["data_sha256"]) == 64
     assert set(card["training"]["environment"]) == {"cpu", "machine", "python", "torch"}
     assert card["validation"]["nll"] == pytest.approx(min(h["val_nll"] for h in card["training"]["history"]))
+    # Normalisation behind the features and the calibration defaults are recorded.
+    assert card["scorer"]["normalisation"]["norm_window"] == ScorerConfig().norm_window
+    assert card["scorer"]["calibration"]["seasonal_check"] is True
+    assert ScorerConfig(**card["scorer"]["normalisation"], **card["scorer"]["calibration"]) == ScorerConfig()
+    # Weights are readable by the service's own user (safetensors writes owner-only files).
+    assert (out / "1" / "model.safetensors").stat().st_mode & 0o444 == 0o444
     assert cli(["models", "show", "tiny", "--models-dir", str(tmp_path / "models")]) == 0
 
 
