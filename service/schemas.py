@@ -86,7 +86,7 @@ RESULT_EXAMPLE: dict[str, Any] = {
     "warming_up": False,
     "gap_reset": False,
     "imputed": [],
-    "model_version": "univariate/1",
+    "model_version": "univariate/2",
 }
 REJECTION_EXAMPLE: dict[str, Any] = {
     "device_id": "pump-7",
@@ -123,7 +123,7 @@ class DeviceInfo(BaseModel):
                     "warming_up": False,
                     "readings_since_reset": 1234,
                     "last_likelihood": 0.41,
-                    "model_version": "univariate/1",
+                    "model_version": "univariate/2",
                 }
             ]
         }
