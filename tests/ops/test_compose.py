@@ -365,7 +365,12 @@ def test_dockerfile_sources_are_in_the_build_context(dockerfile: list[Instructio
     for src in sources:
         assert (ROOT / src).exists(), src
         assert not dockerignore_excludes(src), f"{src} is excluded by .dockerignore"
-    for f in ("sensorwatch/cli.py", "service/app.py", "models/univariate/1/card.json"):
+    for f in (
+        "sensorwatch/cli.py",
+        "service/app.py",
+        "models/univariate/2/card.json",
+        "models/univariate/2/model.safetensors",
+    ):
         assert not dockerignore_excludes(f), f
 
 

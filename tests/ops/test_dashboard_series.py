@@ -135,7 +135,7 @@ def test_the_service_exports_its_documented_metrics(exposition: str) -> None:
     ):
         assert name in samples, name
     assert metric(exposition, "sensorwatch_mqtt_connected") == 1.0
-    assert metric(exposition, "sensorwatch_model_info", name="univariate", version="1") == 1.0
+    assert metric(exposition, "sensorwatch_model_info", name="univariate", version="2") == 1.0
     assert metric(exposition, "sensorwatch_score_latency_seconds_count") >= 45
 
 
