@@ -64,6 +64,9 @@ class Engine:
         self.sha256 = _sha_of(version, settings.models_dir)
         cfg = ScorerConfig(
             calibrator=settings.calibrator,
+            likelihood_threshold=settings.likelihood_threshold,
+            seasonal_check=settings.seasonal_check,
+            point_likelihood=settings.point_likelihood,
             max_devices=settings.max_devices,
             device_ttl_s=settings.device_ttl_s,
         )

@@ -71,6 +71,21 @@ class Settings(BaseSettings):
     )
     snapshot_interval_s: float = Field(300.0, ge=0, description="Periodic state snapshot; 0: only on stop.")
     calibrator: CalibratorName = Field("likelihood", description="Decision rule (see ScorerConfig).")
+    likelihood_threshold: float = Field(
+        0.9999,
+        gt=0,
+        lt=1,
+        description="Anomaly cut of the likelihood calibrator: 0.9999 = a surprise of 4 decimal digits, "
+        "0.99999 = 5 (fewer, surer alerts).",
+    )
+    seasonal_check: bool = Field(
+        True, description="Compare each reading with the same hour one day earlier (see ScorerConfig)."
+    )
+    point_likelihood: bool = Field(
+        False,
+        description="Also score each reading's own residual: catches in-range spikes on sensors with "
+        "well-behaved noise, floods heavy-tailed series with alerts.",
+    )
     # --- security and limits ------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for admin endpoints; required unless --insecure-no-auth."

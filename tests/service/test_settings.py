@@ -188,3 +188,18 @@ def test_serve_refuses_a_missing_config_file(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "missing.toml: not found" in proc.stderr
+
+
+def test_detection_settings_reach_the_scorer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.metrics import Metrics
+    from service.pipeline import Engine
+
+    monkeypatch.setenv("SENSORWATCH_SEASONAL_CHECK", "false")
+    monkeypatch.setenv("SENSORWATCH_POINT_LIKELIHOOD", "true")
+    monkeypatch.setenv("SENSORWATCH_LIKELIHOOD_THRESHOLD", "0.99999")
+    cfg = Engine(load_settings(model="builtin"), Metrics(mqtt=False)).scorer.config
+    assert (cfg.seasonal_check, cfg.point_likelihood, cfg.likelihood_threshold) == (False, True, 0.99999)
+    assert "sx_mean" not in Engine(load_settings(model="builtin"), Metrics(mqtt=False)).scorer.store.columns
+    monkeypatch.setenv("SENSORWATCH_LIKELIHOOD_THRESHOLD", "1.5")
+    with pytest.raises(SettingsError, match="SENSORWATCH_LIKELIHOOD_THRESHOLD"):
+        load_settings()
