@@ -44,6 +44,9 @@ from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.state.store import ColumnSpec, DeviceStateStore
 
 F64 = torch.float64
+#: Version of the meaning of the state columns: a snapshot of another version is refused (and the
+#: service moves it aside). 2: residual RMS in raw units, seasonal check.
+STATE_VERSION = 2
 
 
 def core_columns(model: Forecaster) -> dict[str, ColumnSpec]:
@@ -94,7 +97,11 @@ class StreamScorer:
             max_devices=cfg.max_devices,
             ttl_s=cfg.device_ttl_s,
             chunk=cfg.state_chunk,
-            identity={"model": model.config.identity(), "calibrator": cfg.calibrator},
+            identity={
+                "model": model.config.identity(),
+                "calibrator": cfg.calibrator,
+                "state_version": STATE_VERSION,
+            },
             clock=clock,
             device=self.device,
         )

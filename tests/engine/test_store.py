@@ -355,3 +355,21 @@ def test_restore_round_trips_a_column_whose_fill_is_nan(tmp_path) -> None:
     store.snapshot(path)
     store.restore(path)
     assert store.device_ids() == ["dev-1"]
+
+
+def test_a_snapshot_of_another_state_version_is_refused(tmp_path) -> None:
+    """Same columns, other meaning (the scorer's STATE_VERSION): refused, not silently misread."""
+    from sensorwatch import StreamScorer
+    from sensorwatch.scoring import scorer as scorer_mod
+
+    a = StreamScorer.builtin()
+    path = tmp_path / "s.safetensors"
+    a.snapshot(str(path))
+    meta_version = scorer_mod.STATE_VERSION
+    try:
+        scorer_mod.STATE_VERSION = meta_version + 1
+        b = StreamScorer.builtin()
+    finally:
+        scorer_mod.STATE_VERSION = meta_version
+    with pytest.raises(StateIncompatibleError, match="state_version"):
+        b.restore(str(path))
