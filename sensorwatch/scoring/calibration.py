@@ -221,8 +221,9 @@ def seasonal_residual(
     bins alert for one period, are empty the next (the check abstains) and are remembered after.
 
     A channel has a residual once ``max(RECAL_MIN, warmup)`` residuals set its RMS (each clipped at
-    ``RECAL_CLIP`` RMS like :func:`recalibrate`); the check's own likelihood counts after ``warmup``
-    more (:func:`calibrate`), so a new device's seasonal check speaks from its second period on.
+    ``RECAL_CLIP`` RMS like :func:`recalibrate`); the check's own likelihood counts once it has seen a
+    full period of its own scores (:func:`calibrate`), so a new device's seasonal check speaks from
+    its third period on: one to remember, one to learn how surprising its residuals usually are.
     Memory with the defaults (hourly bins, a day): 25 slots, about 0.4 KB per univariate device.
     """
     lag = round(cfg.seasonal_period_s / cfg.seasonal_bin_s)
@@ -443,10 +444,13 @@ def calibrate(
         # Bonferroni factor of 2 where both exist (the tails are kept in natural-log units here).
         sx = seasonal_scored & scored
         log_sx, sx_rows = short_term_tail(rows, SEASONAL_LIKELIHOOD, seasonal_raw, rows["sx_n"], cfg)
-        # Its own warm-up: the long-term statistics of its scores need ``warmup`` readings too.
+        # Its own warm-up: its likelihood counts once its statistics have seen a full period of its
+        # own scores (their distribution changes over the day), at least ``warmup`` of them.
         sx_rows = {k: torch.where(_bcast(sx, v), v, rows[k]) for k, v in sx_rows.items()}
         sx_rows["sx_n"] = rows["sx_n"] + sx.to(F64)
-        sx = sx & (rows["sx_n"] >= cfg.warmup)
+        per_period = cfg.seasonal_period_s / torch.exp(rows["dt_logmean"])
+        settled = rows["sx_n"] >= torch.where(rows["dt_n"] > 0, per_period.clamp(min=cfg.warmup), math.inf)
+        sx = sx & settled
         seasonal_won = sx & (log_sx < log_short)
         log_short = torch.where(sx, (torch.minimum(log_short, log_sx) + LOG_2).clamp(max=0.0), log_short)
     log_tails = [log_short]
