@@ -136,7 +136,7 @@ def run(
             "hidden_size": arch.hidden_size,
             "num_layers": arch.num_layers,
             "channels": arch.channels,
-            "seasonal": model.config.seasonal,
+            "seasonal": arch.seasonal,
         },
         "scorer_overrides": cfg.model_dump(exclude_defaults=True),
         "torch_threads": torch.get_num_threads(),

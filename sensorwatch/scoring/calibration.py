@@ -156,14 +156,21 @@ def recalibrate(
     n, var = rows["zvar_n"], rows["zvar"]
     ready = n >= RECAL_MIN
     rms = torch.sqrt(var).clamp_min(1e-300)
-    z_cal = torch.where(ready, e_rel / rms, z)
-    e2 = torch.where(
-        learn, torch.minimum(e_rel * e_rel, RECAL_CLIP**2 * torch.where(ready, var, e_rel * e_rel)), 0.0
-    )
-    z_cal = torch.where(scored, z_cal, 0.0)
+    z_cal = torch.where(scored, torch.where(ready, e_rel / rms, z), 0.0)
+    n_new, var_new = rms_update(n, var, e_rel, learn, ready, cfg.recalibrate_window)
+    return z_cal, {"zvar_n": n_new, "zvar": var_new}
+
+
+def rms_update(
+    n: torch.Tensor, var: torch.Tensor, e: torch.Tensor, learn: torch.Tensor, ready: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of a running mean square of residuals ``e`` over ``window`` readings (exact mean for
+    the first ones): entries in ``learn`` count once more; once ``ready``, a residual beyond
+    ``RECAL_CLIP`` RMS counts as that large. Returns the new count and mean square."""
+    e2 = torch.where(learn, torch.minimum(e * e, RECAL_CLIP**2 * torch.where(ready, var, e * e)), 0.0)
     n_new = n + learn.to(F64)
-    alpha = torch.where(learn, 1.0 / n_new.clamp(min=1, max=cfg.recalibrate_window), 0.0)
-    return z_cal, {"zvar_n": n_new, "zvar": var + alpha * (e2 - var)}
+    alpha = torch.where(learn, 1.0 / n_new.clamp(min=1, max=window), 0.0)
+    return n_new, var + alpha * (e2 - var)
 
 
 #: Seasonal-check residuals beyond this many RMS are not remembered, and move the level offset by at
@@ -234,7 +241,7 @@ def seasonal_residual(
 
     n, var = rows["sx_zn"], rows["sx_zvar"]
     ready = n >= max(RECAL_MIN, cfg.warmup)
-    rms = torch.maximum(torch.sqrt(var), torch.clamp(cfg.std_floor_rel * ref.abs(), min=cfg.std_floor_abs))
+    rms = feat.floored_std(torch.sqrt(var), ref, cfg)
     scored = present & ready
     z = torch.where(scored, e / rms, 0.0)
     step = torch.where(ready, torch.maximum(torch.minimum(e, SEASONAL_CLIP * rms), -SEASONAL_CLIP * rms), e)
@@ -242,12 +249,8 @@ def seasonal_residual(
     ordinary = observed & ~(scored & (z.abs() > SEASONAL_CLIP))
     feat.seasonal_update(memory, idx, ts, x - new_lvl, ordinary, cfg.seasonal_bin_s, prefix=SEASONAL_RING)
 
-    e2 = torch.where(ready, torch.minimum(e * e, RECAL_CLIP**2 * var), e * e)
-    n_new = n + present.to(F64)
-    window = cfg.recalibrate_window or 1000
-    alpha = torch.where(present, 1.0 / n_new.clamp(min=1, max=window), 0.0)
-    upd = {"sx_lvl": new_lvl, "sx_zn": n_new, "sx_zvar": var + alpha * (e2 - var)}
-    return z, scored, upd
+    n_new, var_new = rms_update(n, var, e, present, ready, cfg.recalibrate_window or 1000)
+    return z, scored, {"sx_lvl": new_lvl, "sx_zn": n_new, "sx_zvar": var_new}
 
 
 def short_term_tail(

@@ -69,10 +69,15 @@ def normalise(
     delta = x_obs - rows["norm_mean"]
     mean = rows["norm_mean"] + alpha * delta
     var = (1.0 - alpha) * (rows["norm_var"] + alpha * delta * delta)
-    scale = torch.sqrt(var).clamp_min(cfg.std_floor_abs)
-    scale = torch.maximum(scale, cfg.std_floor_rel * mean.abs())
+    scale = floored_std(torch.sqrt(var), mean, cfg)
     x_norm = (x - mean) / scale
     return x_norm, mean, scale, {"norm_n": n, "norm_mean": mean, "norm_var": var}
+
+
+def floored_std(std: torch.Tensor, level: torch.Tensor, cfg: ScorerConfig) -> torch.Tensor:
+    """``std`` floored absolutely (``std_floor_abs``) and relative to ``|level|`` (``std_floor_rel``),
+    so flat series keep a finite scale."""
+    return torch.maximum(std.clamp_min(cfg.std_floor_abs), cfg.std_floor_rel * level.abs())
 
 
 def delta_t_feature(

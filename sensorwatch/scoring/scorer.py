@@ -58,8 +58,8 @@ def core_columns(model: Forecaster) -> dict[str, ColumnSpec]:
         "has_pred": ColumnSpec((), torch.bool),
         "last_likelihood": ColumnSpec((), F64, math.nan),
         "pred_mean": ColumnSpec((c,), F64),
-        "pred_scale": ColumnSpec((c,), F64, 1.0),
-        # The model's predicted scale in normalised units (pred_scale without the normaliser's std).
+        # The model's predicted scale in normalised units; times the normaliser's std (unchanged
+        # since the prediction) it is the predicted scale in raw units.
         "pred_rel": ColumnSpec((c,), F64, 1.0),
     }
     for name, shape in model.state_shapes.items():
@@ -314,9 +314,10 @@ class StreamScorer:
         since = torch.where(gap, torch.ones_like(g["since_reset"]), g["since_reset"] + 1)
         warming = since <= cfg.warmup
         # Residual scale is learnt only after warm-up: the normaliser is still settling before.
-        resid = x - g["pred_mean"]
+        e_rel = (x - g["pred_mean"]) / g["pred_rel"]
+        norm_scale = feat.floored_std(torch.sqrt(g["norm_var"]), g["norm_mean"], cfg)
         z, upd_z = cal.recalibrate(
-            g, resid / g["pred_scale"], resid / g["pred_rel"], scored_ch, scored_ch & ~warming[:, None], cfg
+            g, e_rel / norm_scale, e_rel, scored_ch, scored_ch & ~warming[:, None], cfg
         )
         raw, attribution = cal.raw_score(z, scored_ch, cfg.score_c)
         sx_raw = sx_scored = None
@@ -368,7 +369,6 @@ class StreamScorer:
             "last_likelihood": torch.where(has_pred, co.likelihood, g["last_likelihood"]),
             "has_pred": torch.ones_like(has_pred),
             "pred_mean": mean_n.to(F64) * scale + centre,
-            "pred_scale": scale_n.to(F64) * scale,
             "pred_rel": scale_n.to(F64),
         }
         for k in self._gathered:
