@@ -10,7 +10,7 @@ first 400 readings of each device. The fleet is a different seed from the models
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -66,11 +66,11 @@ def evaluate(ref: str, channels: int, config: ScorerConfig) -> str:
 if __name__ == "__main__":
     print("| model | channels | caught / events per kind | false positives per 1000 normal readings | time |")
     print("|---|---|---|---|---|")
-    args = sys.argv[1:]
-    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--scorer" and i + 1 < len(args)]
-    refs = [
-        a for i, a in enumerate(args) if a not in ("--point", "--scorer") and args[i - 1 : i] != ["--scorer"]
-    ]
-    config = config_with(overrides, point_likelihood="--point" in args)
-    for ref in refs or ["builtin", "univariate", "machine8"]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*", default=["builtin", "univariate", "machine8"])
+    p.add_argument("--point", action="store_true", help="point_likelihood=True")
+    p.add_argument("--scorer", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    config = config_with(args.scorer, point_likelihood=args.point)
+    for ref in args.models:
         print(evaluate(ref, 1, config), flush=True)

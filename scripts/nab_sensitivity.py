@@ -60,6 +60,7 @@ def main() -> int:
 
     results: dict[str, dict[str, object]] = {}
     per_cat: dict[str, dict[str, float]] = {}
+    streamed: dict[str, tuple[list[NabFile], dict[str, np.ndarray]]] = {}
     print(
         f"{'variant':<20}{'standard':>10}{'low FP':>10}{'low FN':>10}  "
         + "".join(f"{c:>24}" for c in CATEGORIES)
@@ -77,25 +78,18 @@ def main() -> int:
             + "".join(f"{per_cat[name][c]:>24.1f}" for c in CATEGORIES),
             flush=True,
         )
-        results[name]["_files"] = files  # type: ignore[assignment]
-        results[name]["_scores"] = scores  # type: ignore[assignment]
+        streamed[name] = (files, scores)
 
     print("\nleave one category out (choose the variant on the other two, score the held-out one):")
     loco = {}
     for held in CATEGORIES:
         others = tuple(c for c in CATEGORIES if c != held)
-        best = max(
-            VARIANTS,
-            key=lambda v: category_score(results[v]["_files"], results[v]["_scores"], others),  # type: ignore[arg-type]
-        )
+        best = max(VARIANTS, key=lambda v: category_score(*streamed[v], others))
         loco[held] = {"chosen": best, "held_out": per_cat[best][held], "defaults": per_cat["defaults"][held]}
         print(
             f"  {held:<24} chosen: {best:<20} held-out {per_cat[best][held]:.1f}  "
             f"(defaults {per_cat['defaults'][held]:.1f})"
         )
-    for r in results.values():
-        r.pop("_files")
-        r.pop("_scores")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"variants": results, "leave_one_out": loco}, indent=2) + "\n")
