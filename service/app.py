@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from sensorwatch.artifacts import BUILTIN_NAME, DEFAULT_MODEL, ArtifactError, list_models, load_model
 from sensorwatch.scoring.batch import Reading, StepResult
+from sensorwatch.state.records import MessageMeta
 from service.metrics import Metrics
 from service.payloads import result_records
 from service.pipeline import QueueFull, Work
@@ -129,10 +130,16 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         def finish(result: StepResult | None, start: int, stop: int) -> None:
             loop.call_soon_threadsafe(_set, done, (result, start, stop))
 
+        work = Work(
+            [r.device_id for r in readings],
+            [r.ts for r in readings],
+            [r.values for r in readings],
+            "rest",
+            finish,
+            MessageMeta("rest", "", b"", len(readings)),
+        )
         try:
-            await loop.run_in_executor(
-                None, svc.submit_rest, Work(readings, "rest", finish), SUBMIT_TIMEOUT_S
-            )
+            await loop.run_in_executor(None, svc.submit_rest, work, SUBMIT_TIMEOUT_S)
         except QueueFull as exc:
             svc.metrics.readings.labels("rest", "rejected").inc(len(readings))
             svc.metrics.rejections.labels("queue_full").inc(len(readings))
@@ -157,9 +164,7 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     @app.delete("/v1/devices/{device_id}", status_code=204, dependencies=[Admin], tags=["devices"])
     def reset_device(device_id: str, svc: ServiceDep) -> Response:
         """Forget a device's state (admin): its next reading starts fresh with warm-up."""
-        with svc.engine.lock:
-            known = svc.engine.scorer.reset(device_id)
-            svc.metrics.active_devices.set(len(svc.engine.scorer.store))
+        known = svc.reset_device(device_id)
         if not known:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no state for device {device_id!r}")
         return Response(status_code=204)

@@ -17,12 +17,14 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.engine import RecoveryError, check_state
     from service.settings import SettingsError, load_settings
 
     try:
         settings = load_settings(args.config)
         app = create_app(settings, insecure_no_auth=args.insecure_no_auth)
-    except SettingsError as exc:
+        check_state(settings)
+    except (SettingsError, RecoveryError) as exc:
         print(f"sensorwatch: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,6 +64,42 @@ def _simulate(args: argparse.Namespace) -> int:
         )
 
 
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from service import bench_e2e
+
+    return bench_e2e.main(args)
+
+
+def _add_bench_e2e(sub: argparse._SubParsersAction) -> None:
+    bsub = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    e = bsub.add_parser(
+        "e2e", help="readings/s broker → outcome: the service vs a bare MQTT consumer, and live latency"
+    )
+    e.add_argument("--json", help="write the results as JSON here")
+    e.add_argument("--messages", type=int, help="one-reading messages per run (default 30000)")
+    e.add_argument("--gateway-messages", type=int, help="50-reading gateway messages per run (default 2000)")
+    e.add_argument("--devices", type=int, help="devices of the one-reading workload (default 1000)")
+    e.add_argument("--gateway-devices", type=int, help="devices of the gateway workload (default 200)")
+    e.add_argument("--runs", type=int, default=3, help="runs per workload (medians are reported)")
+    e.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT version (default: the service's)")
+    e.add_argument("--model", help="SENSORWATCH_MODEL of the service (default: its default)")
+    e.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra SENSORWATCH_* setting of the service (repeatable)",
+    )
+    e.add_argument("--latency-seconds", type=float, help="live latency run length (default 5)")
+    e.add_argument(
+        "--latency-fraction",
+        type=float,
+        default=0.5,
+        help="live latency rate as a fraction of the service's one-reading rate",
+    )
+    e.add_argument("--quick", action="store_true", help="small default counts (a smoke run)")
+    e.set_defaults(func=_bench_e2e)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = lib_cli.build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
@@ -78,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The library's `simulate` writes files; with --mqtt-url it needs the network, so it is served here.
     sub.choices["simulate"].set_defaults(func=_simulate)
+    _add_bench_e2e(sub)
     return p
 
 

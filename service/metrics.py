@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from sensorwatch.scoring.batch import RejectReason
@@ -136,6 +137,17 @@ class Metrics:
             "sensorwatch_gap_resets", "Hidden-state resets after a gap longer than max_gap_s.", registry=r
         )
         self.snapshots = Counter("sensorwatch_state_snapshots", "State snapshots written.", registry=r)
+        self.redeliveries = Counter(
+            "sensorwatch_redeliveries",
+            "MQTT messages redelivered after a crash that were already applied: acked, not scored twice.",
+            registry=r_mqtt,
+        )
+        self.replayed_records = Counter(
+            "sensorwatch_wal_replayed_records",
+            "Write-ahead log records applied again at start-up.",
+            registry=r,
+        )
+        self._registry = r
         # Make every labelled series exist from the start (dashboards and alerts see zeros, not gaps).
         for s in SOURCES:
             for o in OUTCOMES:
@@ -146,6 +158,36 @@ class Metrics:
             self.model_reloads.labels(outcome)
         self.mqtt_connected.set(0)
 
+    def watch_engine(self, engine: Any, batcher: Any, outputs: Any) -> None:
+        """Series read from the engine at scrape time (the write-ahead log's own counters)."""
+        self._registry.register(_EngineCollector(engine, batcher, outputs))
+
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(name, version).set(1)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Any, batcher: Any, outputs: Any) -> None:
+        self.engine, self.batcher, self.outputs = engine, batcher, outputs
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        wal = self.engine.wal
+        yield CounterMetricFamily(
+            "sensorwatch_wal_bytes", "Bytes appended to the write-ahead log.", wal.bytes_written if wal else 0
+        )
+        yield CounterMetricFamily(
+            "sensorwatch_wal_syncs",
+            "fdatasync calls (group commits) of the write-ahead log.",
+            wal.syncs if wal else 0,
+        )
+        yield GaugeMetricFamily(
+            "sensorwatch_wal_pending_records",
+            "Records applied but not yet durable.",
+            max(0, self.engine.applied_seq - self.engine.durable),
+        )
+        yield GaugeMetricFamily(
+            "sensorwatch_outputs_pending_batches",
+            "Scored batches whose outcomes (publish, ack, REST answer) wait for the log or the output stage.",
+            self.outputs.depth,
+        )

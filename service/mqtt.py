@@ -38,6 +38,7 @@ class InboundMessage:
     qos: int
     mid: int
     retain: bool
+    dup: bool = False
 
 
 class MqttAdapter:
@@ -179,7 +180,18 @@ class MqttAdapter:
             self._on_change(False, False)
 
     def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        self._on_message(InboundMessage(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain)))
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # paho raises on a topic that is not UTF-8
+            topic = msg._topic.decode("utf-8", errors="replace")
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        self._on_message(InboundMessage(topic, payload, msg.qos, msg.mid, bool(msg.retain), bool(msg.dup)))
+
+    @property
+    def alive(self) -> bool:
+        """paho's network thread is running (our callbacks never raise into it)."""
+        thread = getattr(self.client, "_thread", None)
+        return thread is not None and thread.is_alive()
 
 
 class MqttPublisher:

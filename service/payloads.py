@@ -8,12 +8,16 @@ becomes a per-reading rejection from the engine, the rest of the payload is scor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from typing import Any
 
-from sensorwatch.scoring.batch import Reading, StepResult
+import numpy as np
+import orjson
+
+from sensorwatch.scoring.batch import StepResult
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 DEADLETTER_PAYLOAD_CHARS = 1024
@@ -53,39 +57,76 @@ def device_from_topic(pattern: str, topic: str) -> str | None:
     return device
 
 
-def parse_readings(payload: bytes, device_id: str, *, max_bytes: int, max_readings: int) -> list[Reading]:
-    """Readings of one MQTT message (raises :class:`PayloadError` for an unusable message)."""
+def parse_message(
+    payload: bytes, device_id: str, *, max_bytes: int, max_readings: int
+) -> tuple[list[Any], list[Any]]:
+    """Timestamps and values of one MQTT message's readings, as parsed (validated per reading by the
+    engine); raises :class:`PayloadError` for an unusable message. orjson refuses nesting deeper than
+    1,024 and numbers beyond float range with a ``JSONDecodeError`` like any malformed JSON.
+
+    >>> parse_message(b'{"readings": [{"ts": 1, "values": [2.5]}, 7]}', "d", max_bytes=99, max_readings=9)
+    ([1, nan], [[2.5], None])
+    """
     if len(payload) > max_bytes:
         raise PayloadError("payload_too_large", f"{len(payload)} bytes > {max_bytes}")
     if not valid_device_id(device_id):
         raise PayloadError("bad_device_id", f"invalid device id {device_id[:64]!r} in topic")
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError("malformed_json", f"not JSON: {exc}") from None
-    return readings_from_doc(doc, device_id, max_readings=max_readings)
-
-
-def readings_from_doc(doc: Any, device_id: str, *, max_readings: int) -> list[Reading]:
-    if not isinstance(doc, dict):
+    doc = _loads(payload)
+    if type(doc) is not dict:
         raise PayloadError("bad_payload", "payload must be a JSON object")
-    if "readings" in doc:
-        items = doc["readings"]
-        if not isinstance(items, list) or not items:
-            raise PayloadError("bad_payload", "'readings' must be a non-empty list")
-    else:
-        items = [doc]
+    if "readings" not in doc:
+        return [doc.get("ts", math.nan)], [doc.get("values")]
+    items = doc["readings"]
+    if type(items) is not list or not items:
+        raise PayloadError("bad_payload", "'readings' must be a non-empty list")
     if len(items) > max_readings:
         raise PayloadError("too_many_readings", f"{len(items)} readings > {max_readings}")
-    return [_reading(device_id, item) for item in items]
+    # A reading that is not an object keeps its slot (NaN, None): the engine rejects it as bad_value.
+    ts = [it.get("ts", math.nan) if type(it) is dict else math.nan for it in items]
+    values = [it.get("values") if type(it) is dict else None for it in items]
+    return ts, values
 
 
-def _reading(device_id: str, item: Any) -> Reading:
-    if not isinstance(item, dict):
-        # The engine rejects a reading without values as bad_value; keep its slot so it is counted.
-        return Reading(device_id, math.nan, None)  # type: ignore[arg-type]
-    values: Any = item.get("values")  # validated by the engine: wrong shapes become rejections
-    return Reading(device_id, item.get("ts", math.nan), values)
+def _loads(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        if not _NON_FINITE.search(payload):
+            raise PayloadError("malformed_json", f"not JSON: {exc}") from None
+        error: Exception = exc
+    # NaN / Infinity tokens are not JSON, but Python's json.dumps writes them by default and devices
+    # send them for a missing or broken channel: the standard library reads them (the engine then
+    # rejects or imputes the value). Only such payloads take this slower path, errors caught alike.
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        error = exc
+    raise PayloadError("malformed_json", f"not JSON: {error}") from None
+
+
+_NON_FINITE = re.compile(rb"NaN|Infinity")
+
+
+def message_digest(topic: str, payload: bytes) -> bytes:
+    """16 bytes identifying a message by topic and payload (a redelivery has the same digest)."""
+    return hashlib.blake2b(payload, digest_size=16, key=topic.encode()[:64]).digest()
+
+
+def event_id(device_id: str, ts: float, model_version: str) -> str:
+    """The same id for the same reading scored by the same model, whatever happened in between
+    (consumers dedupe re-published results by it).
+
+    >>> event_id("pump-7", 1767225600.0, "univariate/2") == event_id("pump-7", 1767225600.0, "univariate/2")
+    True
+    """
+    key = f"{device_id}\x00{ts!r}\x00{model_version}".encode()
+    return hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+def rejection_id(digest: bytes, index: int | None) -> str:
+    """Id of a dead letter: the message's digest and the reading's index in it."""
+    tail = b"" if index is None else index.to_bytes(4, "little")
+    return hashlib.blake2b(digest + tail, digest_size=12).hexdigest()
 
 
 def anomaly_event(record: dict[str, Any]) -> dict[str, Any]:
@@ -101,8 +142,10 @@ def anomaly_event(record: dict[str, Any]) -> dict[str, Any]:
         "predicted",
         "z",
         "model_version",
+        "event_id",
+        "replayed",
     )
-    return {k: record[k] for k in keys}
+    return {k: record[k] for k in keys if k in record}
 
 
 def deadletter(reason: str, detail: str, topic: str, payload: bytes, **extra: Any) -> bytes:
@@ -116,7 +159,7 @@ def deadletter(reason: str, detail: str, topic: str, payload: bytes, **extra: An
         "truncated": len(text) > DEADLETTER_PAYLOAD_CHARS or len(payload) > DEADLETTER_PAYLOAD_CHARS * 4,
         **extra,
     }
-    return json.dumps(doc, allow_nan=False, default=str).encode()
+    return orjson.dumps(doc, default=str)
 
 
 REASON_DETAILS = {
@@ -148,3 +191,20 @@ def result_records(result: StepResult, start: int, stop: int) -> list[dict[str, 
 def dumps(doc: Any) -> bytes:
     """Strict JSON (no NaN/Infinity tokens) as bytes."""
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+def records_to_publish(result: StepResult, start: int, stop: int, *, every: bool) -> list[dict[str, Any]]:
+    """Records of readings ``start:stop`` that are published: rejections and anomalies, or every one
+    when ``every`` (scores on). Builds no record for a reading that is not published."""
+    if every:
+        rows = list(range(start, stop))
+    else:
+        rows = (np.flatnonzero(~result.accepted[start:stop] | result.is_anomaly[start:stop]) + start).tolist()
+    out = []
+    for i in rows:
+        rec = result.record(i)
+        if not rec["accepted"]:
+            rec["detail"] = REASON_DETAILS.get(rec["reason"], rec["reason"])
+        rec["index"] = i - start
+        out.append(rec)
+    return out

@@ -1,29 +1,40 @@
-"""The running service: engine + micro-batcher + MQTT adapter + periodic snapshots, and their order
-of start and stop."""
+"""The running service: engine + micro-batcher + output stage + MQTT adapter + snapshots, and their
+order of start and stop."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import threading
+import time
 from typing import Any
 
+from sensorwatch import faults
 from sensorwatch.scoring.batch import StepResult
+from sensorwatch.state.records import MessageMeta
+from service.engine import Engine, Recovery
 from service.metrics import Metrics
-from service.mqtt import InboundMessage, MqttAdapter
+from service.mqtt import RECEIVE_MAXIMUM, InboundMessage, MqttAdapter
 from service.payloads import (
     PayloadError,
     anomaly_event,
     deadletter,
     device_from_topic,
     dumps,
-    parse_readings,
-    result_records,
+    event_id,
+    message_digest,
+    parse_message,
+    records_to_publish,
+    rejection_id,
 )
-from service.pipeline import Engine, MicroBatcher, QueueFull, Work
+from service.pipeline import MicroBatcher, OutputStage, QueueFull, Work
 from service.settings import Settings
 
 log = logging.getLogger("sensorwatch.service")
+
+#: How long after start a message may still be recognised as a redelivery of one applied before a
+#: crash (the broker resends its in-flight messages first thing after we reconnect).
+REDELIVERY_WINDOW_S = 300.0
 
 
 class Service:
@@ -33,72 +44,119 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics(mqtt=bool(settings.mqtt_url))
         self.engine = Engine(settings, self.metrics)
+        self.outputs = OutputStage(self.engine)
+        self._unacked = 0  # MQTT messages received and not yet acked (the broker's in-flight window)
         self.batcher = MicroBatcher(
             self.engine,
             self.metrics,
+            self.outputs,
             max_batch=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
+            eager=lambda: self._unacked >= RECEIVE_MAXIMUM // 2,
         )
+        self.metrics.watch_engine(self.engine, self.batcher, self.outputs)
         self.mqtt: MqttAdapter | None = None
         if settings.mqtt_url:
             self.mqtt = MqttAdapter(settings, self._on_mqtt, self._on_mqtt_change)
         self._intake_open = False
+        self._redeliveries: set[bytes] = set()
+        self._redeliveries_until = 0.0
         self._stop_snapshots = threading.Event()
         self._snapshotter = threading.Thread(
             target=self._snapshot_loop, name="sensorwatch-snapshots", daemon=True
         )
         p = settings.topic_prefix
         self.t_anomalies, self.t_scores, self.t_dead = f"{p}/anomalies", f"{p}/scores", f"{p}/deadletter"
+        self.recovery: Recovery | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        restored = self.engine.restore()
-        if restored:
-            log.info("restored state of %d devices", restored)
+        """Recover (snapshot + log replay, before any door opens), then open the doors."""
+        self.recovery = r = self.engine.recover()
+        if r.restored_devices or r.replayed_records:
+            log.info(
+                "restored state of %d devices from the snapshot (record %d) and replayed %d log records "
+                "(%d readings) in %.2f s; %d batches' outputs published again",
+                r.restored_devices,
+                r.snapshot_seq,
+                r.replayed_records,
+                r.replayed_readings,
+                r.seconds,
+                len(r.unpublished),
+            )
+        self.metrics.replayed_records.inc(r.replayed_records)
+        self._redeliveries = self.engine.redelivery_digests()
+        self._redeliveries_until = time.monotonic() + REDELIVERY_WINDOW_S
+        self.outputs.start()
+        for item in r.unpublished:  # durable already: released first, in order
+            self.outputs.put(item.seq, functools.partial(self._republish, item.record, item.result))
         self.batcher.start()
         self._intake_open = True
         if self.mqtt is not None:
             self.mqtt.start()
-        if self.settings.snapshot_interval_s > 0 and self.engine.snapshot_path() is not None:
+        if self.engine.snapshot_path() is not None:
             self._snapshotter.start()
 
     @property
+    def failure(self) -> str | None:
+        """Why the service cannot score (a dead thread, a failed log), or None."""
+        if self.outputs.failed:
+            return self.outputs.failed
+        if self._intake_open and not (self.batcher.alive and self.outputs.alive):
+            return "a scoring thread died"
+        if self._intake_open and self.mqtt is not None and self.mqtt.connected and not self.mqtt.alive:
+            return "the MQTT network thread died"
+        return None
+
+    @property
     def ready(self) -> bool:
-        return self._intake_open and (self.mqtt is None or self.mqtt.connected)
+        return self._intake_open and (self.mqtt is None or self.mqtt.connected) and self.failure is None
 
     def stop(self) -> None:
         """Graceful stop. Order matters:
 
         1. Close intake: later MQTT messages are not acked, so the broker keeps them in our persistent
            session and redelivers them after the restart (nothing acked is ever left unscored).
-        2. Drain the micro-batcher: every queued reading is scored, its results published and its
-           message acked.
+        2. Drain the micro-batcher (every queued reading is scored and logged), then the output stage
+           (every result published and message acked once its record is durable).
         3. Flush: wait for the broker to acknowledge what we published (anomaly events are QoS1).
-        4. Snapshot the state *after* the drain, so the restart continues exactly where we stopped.
+        4. Snapshot the state *after* the drain, so the restart continues exactly where we stopped
+           (and the log it covers is deleted), then close the log.
         5. Disconnect cleanly, publishing the retained ``offline`` status first (a clean disconnect
            suppresses the last will).
         """
         self._intake_open = False
-        drained = self.batcher.close(timeout=60)
-        if not drained:
+        if not self.batcher.close(timeout=60):
             log.error("micro-batcher did not drain within 60 s")
+        if not self.outputs.close(timeout=60):
+            log.error("output stage did not drain within 60 s")
         if self.mqtt is not None:
             self.mqtt.flush(timeout=10)
         self._stop_snapshots.set()
-        path = self.engine.snapshot()
-        if path is not None:
-            log.info("state of %d devices written to %s", len(self.engine.scorer.store), path)
+        if self.outputs.failed is None:
+            path = self.engine.snapshot()
+            if path is not None:
+                log.info("state of %d devices written to %s", len(self.engine.scorer.store), path)
+        self.engine.close()
         if self.mqtt is not None:
             self.mqtt.stop()
         self.metrics.mqtt_connected.set(0)
 
     def _snapshot_loop(self) -> None:
-        while not self._stop_snapshots.wait(self.settings.snapshot_interval_s):
+        """Periodic snapshots, and one as soon as the log has grown by ``WAL_SNAPSHOT_MB``."""
+        interval = self.settings.snapshot_interval_s
+        last = time.monotonic()
+        while not self._stop_snapshots.is_set():
+            wanted = self.engine.snapshot_wanted.wait(1.0)
+            due = interval > 0 and time.monotonic() - last >= interval
+            if self._stop_snapshots.is_set() or not (wanted or due):
+                continue
             try:
                 self.engine.snapshot()
             except Exception:
-                log.exception("periodic state snapshot failed")
+                log.exception("state snapshot failed")
+            last = time.monotonic()
 
     # ------------------------------------------------------------------ MQTT door
     def _on_mqtt_change(self, connected: bool, reconnect: bool) -> None:
@@ -107,72 +165,149 @@ class Service:
             self.metrics.mqtt_reconnects.inc()
 
     def _on_mqtt(self, msg: InboundMessage) -> None:
-        """Runs on paho's network thread; blocking in ``submit`` is the backpressure."""
+        """Runs on paho's network thread: nothing may escape (it would stop all MQTT intake)."""
         if not self._intake_open:
             return  # not acked: redelivered from the persistent session after the restart
+        self._unacked += 1
+        try:
+            self.batcher.submit(self._mqtt_work(msg))  # blocking while full is the backpressure
+        except QueueFull:
+            return  # shutting down: not acked, redelivered later
+        except Exception as exc:  # a bug, not an input: still one outcome, and intake goes on
+            log.exception("MQTT message on %r not queued", msg.topic[:200])
+            self._last_resort(msg, exc)
+
+    def _mqtt_work(self, msg: InboundMessage) -> Work:
         s = self.settings
+        digest = message_digest(msg.topic, msg.payload)
+        meta = MessageMeta("mqtt", msg.topic, digest, 0)
+        if self._redeliveries and digest in self._redeliveries:
+            if time.monotonic() < self._redeliveries_until:
+                self._redeliveries.discard(digest)
+                self.metrics.redeliveries.inc()
+                return Work([], [], [], "mqtt", functools.partial(self._ack_only, msg), meta)
+            self._redeliveries = set()
         device = device_from_topic(s.topic_readings, msg.topic)
         try:
             if device is None:
-                raise PayloadError("bad_topic", f"topic {msg.topic!r} does not match {s.topic_readings!r}")
-            readings = parse_readings(
+                raise PayloadError(
+                    "bad_topic", f"topic {msg.topic[:200]!r} does not match {s.topic_readings!r}"
+                )
+            ts, values = parse_message(
                 msg.payload, device, max_bytes=s.max_payload_bytes, max_readings=s.max_request_readings
             )
         except PayloadError as exc:
-            self._reject_message(msg, exc.reason, exc.detail, device)
-            return
-        try:
-            self.batcher.submit(Work(readings, "mqtt", functools.partial(self._mqtt_done, msg)))
-        except QueueFull:
-            return  # shutting down: not acked, redelivered later
+            self.metrics.readings.labels("mqtt", "rejected").inc()
+            self.metrics.rejections.labels(exc.reason).inc()
+            meta = MessageMeta("mqtt", msg.topic, digest, 0, exc.reason, exc.detail)
+            done = functools.partial(self._reject_done, msg, meta, device)
+            return Work([], [], [], "mqtt", done, meta)
+        meta = MessageMeta("mqtt", msg.topic, digest, len(ts))
+        return Work(
+            [device] * len(ts), ts, values, "mqtt", functools.partial(self._mqtt_done, msg, meta), meta
+        )
 
-    def _reject_message(self, msg: InboundMessage, reason: str, detail: str, device: str | None) -> None:
+    def _last_resort(self, msg: InboundMessage, exc: Exception) -> None:
         self.metrics.readings.labels("mqtt", "rejected").inc()
-        self.metrics.rejections.labels(reason).inc()
-        self._publish(self.t_dead, deadletter(reason, detail, msg.topic, msg.payload, device_id=device))
-        self._ack(msg)
-
-    def _mqtt_done(self, msg: InboundMessage, result: StepResult | None, start: int, stop: int) -> None:
-        """Runs on the batcher thread: publish every outcome, then ack the message — always: an unacked
-        message would hold one of the broker's in-flight slots for this session until a restart, and
-        then be scored a second time."""
+        self.metrics.rejections.labels("internal_error").inc()
         try:
-            if result is None:
-                self._publish(
-                    self.t_dead, deadletter("internal_error", "scoring failed", msg.topic, msg.payload)
-                )
-                return
-            for offset, rec in enumerate(result_records(result, start, stop)):
-                try:
-                    self._publish_outcome(msg, offset, rec)
-                except (ValueError, TypeError) as exc:  # e.g. a NaN that strict JSON refuses
-                    log.exception("result of reading %d of %s not publishable", offset, msg.topic)
-                    doc = deadletter(
-                        "internal_error",
-                        f"result not publishable: {exc}",
-                        msg.topic,
-                        msg.payload,
-                        device_id=rec["device_id"],
-                        index=offset,
-                    )
-                    self._publish(self.t_dead, doc)
+            self._publish(
+                self.t_dead, deadletter("internal_error", f"not queued: {exc}", msg.topic, msg.payload)
+            )
         finally:
             self._ack(msg)
 
-    def _publish_outcome(self, msg: InboundMessage, offset: int, rec: dict[str, Any]) -> None:
-        device = rec["device_id"]
+    def _ack_only(self, msg: InboundMessage, result: StepResult | None, start: int, stop: int) -> None:
+        self._ack(msg)
+
+    def _reject_done(self, msg: InboundMessage, meta: MessageMeta, device: str | None, *_: Any) -> None:
+        try:
+            self._dead_letter(meta, msg.payload, device, replayed=False)
+        finally:
+            self._ack(msg)
+
+    def _dead_letter(self, meta: MessageMeta, payload: bytes, device: str | None, *, replayed: bool) -> None:
+        extra: dict[str, Any] = {"event_id": rejection_id(meta.digest, None)}
+        if device is not None:
+            extra["device_id"] = device
+        if replayed:
+            extra["replayed"] = True
+        reason, detail = meta.reason or "internal_error", meta.detail or ""
+        self._publish(self.t_dead, deadletter(reason, detail, meta.topic, payload, **extra))
+
+    def _mqtt_done(
+        self, msg: InboundMessage, meta: MessageMeta, result: StepResult | None, start: int, stop: int
+    ) -> None:
+        """Runs on the output stage once the batch is durable: publish every outcome, then ack the
+        message — always: an unacked message would hold one of the broker's in-flight slots for this
+        session until a restart, and then be scored a second time."""
+        try:
+            self._publish_outcomes(meta, msg.payload, result, start, stop, replayed=False)
+            faults.point("outputs.after_publish")
+        finally:
+            self._ack(msg)
+
+    def _republish(self, record: Any, result: StepResult | None) -> None:
+        """Outputs of a batch replayed in recovery (published before the crash or not: ``replayed``)."""
+        start = 0
+        for meta in record.messages:
+            if meta.source == "mqtt" and meta.reason is not None:
+                self._dead_letter(meta, b"", None, replayed=True)
+            elif meta.source == "mqtt":
+                self._publish_outcomes(meta, b"", result, start, start + meta.count, replayed=True)
+            start += meta.count
+
+    def _publish_outcomes(
+        self,
+        meta: MessageMeta,
+        payload: bytes,
+        result: StepResult | None,
+        start: int,
+        stop: int,
+        *,
+        replayed: bool,
+    ) -> None:
+        if result is None:
+            failed = MessageMeta(meta.source, meta.topic, meta.digest, 0, "internal_error", "scoring failed")
+            self._dead_letter(failed, payload, None, replayed=replayed)
+            return
+        for rec in records_to_publish(result, start, stop, every=self.settings.publish_scores):
+            index = rec["index"]
+            try:
+                self._publish_record(meta, payload, rec, replayed)
+            except (ValueError, TypeError) as exc:  # e.g. a NaN that strict JSON refuses
+                log.exception("result of reading %d of %s not publishable", index, meta.topic)
+                doc = deadletter(
+                    "internal_error",
+                    f"result not publishable: {exc}",
+                    meta.topic,
+                    payload,
+                    device_id=rec["device_id"],
+                    index=index,
+                    event_id=rejection_id(meta.digest, index),
+                )
+                self._publish(self.t_dead, doc)
+
+    def _publish_record(self, meta: MessageMeta, payload: bytes, rec: dict[str, Any], replayed: bool) -> None:
+        device, index = rec["device_id"], rec.pop("index")
         if not rec["accepted"]:
+            extra: dict[str, Any] = {"replayed": True} if replayed else {}
             doc = deadletter(
                 rec["reason"],
                 rec["detail"],
-                msg.topic,
-                msg.payload,
+                meta.topic,
+                payload,
                 device_id=device,
-                index=offset,
+                index=index,
                 ts=rec["ts"],
+                event_id=rejection_id(meta.digest, index),
+                **extra,
             )
             self._publish(self.t_dead, doc)
             return
+        rec["event_id"] = event_id(device, rec["ts"], rec["model_version"])
+        if replayed:
+            rec["replayed"] = True
         if rec["is_anomaly"]:
             self._publish(f"{self.t_anomalies}/{device}", dumps(anomaly_event(rec)))
         if self.settings.publish_scores:
@@ -183,6 +318,7 @@ class Service:
             self.mqtt.publish(topic, payload)
 
     def _ack(self, msg: InboundMessage) -> None:
+        self._unacked -= 1
         if self.mqtt is not None:
             self.mqtt.ack(msg)
 
@@ -192,11 +328,22 @@ class Service:
             raise QueueFull("service is not accepting readings")
         self.batcher.submit(work, timeout=timeout)
 
+    def reset_device(self, device_id: str) -> bool:
+        """Forget a device; answers once the reset is durable."""
+        known, seq = self.engine.reset(device_id)
+        if known:
+            self.engine.wait_durable(seq, 30.0)
+        return known
+
     def health(self) -> dict[str, Any]:
-        return {
+        out = {
             "ready": self.ready,
             "mqtt_connected": None if self.mqtt is None else self.mqtt.connected,
             "model": self.engine.scorer.model_version,
             "queue_depth": self.batcher.depth,
             "devices": len(self.engine.scorer.store),
         }
+        failure = self.failure
+        if failure:
+            out["failure"] = failure
+        return out

@@ -67,9 +67,25 @@ class Settings(BaseSettings):
         Path("models"), description="Where model artifacts are loaded from (only there)."
     )
     state_dir: Path | None = Field(
-        Path("state"), description="Device state snapshots (restored on start, written on stop); empty: none."
+        Path("state"),
+        description="Device state: snapshots and the write-ahead log (recovered on start); empty: none.",
     )
     snapshot_interval_s: float = Field(300.0, ge=0, description="Periodic state snapshot; 0: only on stop.")
+    wal_sync: Literal["fsync", "none", "off"] = Field(
+        "fsync",
+        description="Write-ahead log under STATE_DIR/wal: 'fsync' (every outcome is published and acked "
+        "only once its batch is on disk: survives a host crash), 'none' (written, not synced: survives "
+        "a kill of the process), 'off' (no log: a crash loses the state since the last snapshot).",
+    )
+    wal_snapshot_mb: float = Field(
+        256.0, gt=0, description="A snapshot is also taken once the log has grown this much since the last."
+    )
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="Threads torch may use for a scorer step (0: torch's default). One leaves the other "
+        "core to the MQTT network thread and the broker.",
+    )
     calibrator: CalibratorName = Field("likelihood", description="Decision rule (see ScorerConfig).")
     likelihood_threshold: float = Field(
         0.9999,

@@ -41,7 +41,7 @@ from sensorwatch.scoring import calibration as cal
 from sensorwatch.scoring import features as feat
 from sensorwatch.scoring.batch import Reading, ReadingBatch, RejectReason, StepResult
 from sensorwatch.scoring.config import ScorerConfig
-from sensorwatch.state.store import ColumnSpec, DeviceStateStore
+from sensorwatch.state.store import ColumnSpec, DeviceStateStore, StateCopy
 
 F64 = torch.float64
 #: Version of the meaning of the state columns: a snapshot of another version is refused (and the
@@ -194,10 +194,19 @@ class StreamScorer:
         return False
 
     def snapshot(self, path: str) -> None:
-        self.store.snapshot(path, extra={"model_version": self.model_version})
+        self.capture().write(path)
+
+    def capture(self, extra: dict[str, Any] | None = None) -> StateCopy:
+        """An immutable copy of all device state (and the scorer's own clock of the last idle-TTL sweep),
+        to be written outside the caller's lock."""
+        last = self._last_expiry if math.isfinite(self._last_expiry) else None
+        return self.store.capture({"model_version": self.model_version, "last_expiry": last, **(extra or {})})
 
     def restore(self, path: str) -> dict[str, Any]:
-        return self.store.restore(path)
+        extra = self.store.restore(path)
+        last = extra.get("last_expiry")
+        self._last_expiry = -math.inf if last is None else float(last)
+        return extra
 
     # ------------------------------------------------------------------ planning
     def _plan(

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 SNAPSHOT_FORMAT = "sensorwatch-state/1"
+LAST_SEEN = "_store.last_seen"
 
 
 class StateIncompatibleError(ValueError):
@@ -62,6 +63,44 @@ class ColumnSpec:
         # Non-finite fills as strings: NaN != NaN would make a JSON round trip never compare equal.
         fill: float | str = self.fill if math.isfinite(self.fill) else str(self.fill)
         return [list(self.shape), str(self.dtype).removeprefix("torch."), fill]
+
+
+@dataclass(frozen=True)
+class StateCopy:
+    """A captured copy of a store's state, ready to be written (:meth:`DeviceStateStore.capture`)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def write(self, path: str | os.PathLike[str], before_rename: Callable[[], None] | None = None) -> Path:
+        """Write atomically:
+
+        1. to a temporary file in the target directory, fsynced: a crash leaves either the old
+           snapshot or the new one, never a torn file;
+        2. ``before_rename()`` (the caller's last word: the service waits for the write-ahead log to
+           be durable up to the snapshot's sequence, so a snapshot is never ahead of the log);
+        3. ``os.replace`` onto ``path`` (atomic on POSIX) and fsync the directory so the rename survives.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.tensors, tmp, metadata=self.metadata)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            if before_rename is not None:
+                before_rename()
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path
 
 
 class DeviceStateStore:
@@ -213,21 +252,23 @@ class DeviceStateStore:
 
     # ------------------------------------------------------------------ snapshot / restore
     def snapshot(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-        """Write an immutable copy of every device's state to ``path`` atomically.
+        """Write an immutable copy of every device's state to ``path`` atomically."""
+        return self.capture(extra).write(path)
 
-        1. Copy the occupied rows (compacted, in LRU order) into fresh tensors: the snapshot never
-           aliases live state.
-        2. Write them to a temporary file in the target directory and fsync it: a crash leaves either
-           the old snapshot or the new one, never a torn file.
-        3. ``os.replace`` onto ``path`` (atomic on POSIX) and fsync the directory so the rename survives.
+    def capture(self, extra: dict[str, Any] | None = None) -> StateCopy:
+        """An immutable copy of every device's state (cheap; take it under the caller's lock and
+        write it outside: :meth:`StateCopy.write`).
+
+        The occupied rows are copied compacted, in LRU order, into fresh tensors, so the copy never
+        aliases live state; the idle clock of each device travels with it (``_store.last_seen``).
         """
-        path = Path(path)
         ids = list(self._index)
         rows = np.array([self._index[d] for d in ids], dtype=np.int64)
         order = np.argsort(self._last_used[rows], kind="stable")
         ids = [ids[i] for i in order]
         idx = torch.from_numpy(rows[order]).to(self.device)
         tensors = {name: t[idx].contiguous().cpu() for name, t in self.columns.items()}
+        tensors[LAST_SEEN] = torch.from_numpy(self._last_seen[rows[order]].copy())
         metadata = {
             "format": SNAPSHOT_FORMAT,
             "identity": json.dumps(self.identity, sort_keys=True),
@@ -235,23 +276,7 @@ class DeviceStateStore:
             "evictions": json.dumps(self.evictions),
             "extra": json.dumps(extra or {}),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return path
+        return StateCopy(tensors, metadata)
 
     @staticmethod
     def read_snapshot(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -305,7 +330,8 @@ class DeviceStateStore:
         self._tick += 1
         self._last_used[rows] = self._tick + rows  # preserves the snapshot's LRU order
         self._tick += n
-        self._last_seen[rows] = self.clock()
+        seen = tensors.get(LAST_SEEN)
+        self._last_seen[rows] = seen[offset:].numpy() if seen is not None else self.clock()
         self.evictions = json.loads(metadata.get("evictions", '{"lru": 0, "ttl": 0}'))
         extra: dict[str, Any] = json.loads(metadata.get("extra", "{}"))
         return extra

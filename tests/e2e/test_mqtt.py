@@ -27,7 +27,7 @@ from sensorwatch.artifacts import save_model
 from sensorwatch.model.forecaster import builtin_model
 from service import runtime
 from service.app import create_app
-from service.payloads import result_records
+from service.payloads import records_to_publish
 from tests.e2e.harness import (
     Broker,
     Collector,
@@ -252,14 +252,14 @@ def test_a_result_that_cannot_be_published_is_dead_lettered_and_its_message_acke
     an unacked message would hold one of the broker's in-flight slots until a restart and then be
     scored a second time."""
 
-    def poisoned(result: Any, start: int, stop: int) -> list[dict[str, Any]]:
-        records = result_records(result, start, stop)
+    def poisoned(result: Any, start: int, stop: int, *, every: bool) -> list[dict[str, Any]]:
+        records = records_to_publish(result, start, stop, every=every)
         for r in records:
             if r["device_id"] == "poison" and r["accepted"]:
                 r["likelihood"] = math.nan
         return records
 
-    monkeypatch.setattr(runtime, "result_records", poisoned)
+    monkeypatch.setattr(runtime, "records_to_publish", poisoned)
     settings = service_settings(names, tmp_path, shared_broker, publish_scores=True)
     collector = Collector(names.prefix)
     publisher = Publisher()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from sensorwatch.state import store as store_module
 from sensorwatch.state.store import (
+    LAST_SEEN,
     SNAPSHOT_FORMAT,
     CapacityError,
     ColumnSpec,
@@ -200,7 +201,7 @@ def test_snapshot_is_plain_safetensors_without_pickle(tmp_path) -> None:
     assert json.loads(meta["identity"]) == store.identity
     assert json.loads(meta["ids"]) == ["dev-2", "dev-3", "dev-1"]  # LRU order, oldest first
     assert json.loads(meta["extra"]) == {"note": "x"}
-    assert keys == set(COLUMNS)
+    assert keys == {*COLUMNS, LAST_SEEN}  # the idle clock of each device travels with its state
     tensors = load_file(str(path))
     assert tensors["h"].shape == (3, 2, 3)  # compacted to the occupied rows
     assert tensors["n"].tolist() == [2.0, 3.0, 1.0]
