@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class Recovery:
     replayed_records: int = 0
     replayed_readings: int = 0
     unpublished: list[Replayed] = field(default_factory=list)
+    released_through: int = 0  # every outcome up to this record was released before the crash
     seconds: float = 0.0
 
 
@@ -112,17 +113,21 @@ class Engine:
         self._snapshot_lock = threading.Lock()
         self._wal_bytes_at_snapshot = 0
         self.snapshot_wanted = threading.Event()
+        self.release_tracked = False  # an output stage calls mark_released (the service)
+        self.on_plain_record: Callable[[int], None] | None = None
+        self._released = 0
+        self._released_cond = threading.Condition()
 
     # ------------------------------------------------------------------ the log
     def _log(self, record: rec.Record) -> int:
         """Append under the lock, before the change is applied (so the log's order is the apply order)."""
-        if self.wal is None:
-            self.applied_seq += 1
-            return self.applied_seq
-        seq = self.wal.append(rec.encode(record))
-        grown = self.wal.bytes_written - self._wal_bytes_at_snapshot
-        if grown > self.settings.wal_snapshot_mb * (1 << 20):
-            self.snapshot_wanted.set()
+        seq = self.applied_seq + 1 if self.wal is None else self.wal.append(rec.encode(record))
+        if not isinstance(record, rec.BatchRecord) and self.on_plain_record is not None:
+            self.on_plain_record(seq)  # a record with no outcomes of its own: released in its turn
+        if self.wal is not None:
+            grown = self.wal.bytes_written - self._wal_bytes_at_snapshot
+            if grown > self.settings.wal_snapshot_mb * (1 << 20):
+                self.snapshot_wanted.set()
         return seq
 
     @property
@@ -132,6 +137,24 @@ class Engine:
 
     def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
         return True if self.wal is None else self.wal.wait_durable(seq, timeout)
+
+    def mark_released(self, seq: int) -> None:
+        """The output stage released every outcome up to ``seq``."""
+        with self._released_cond:
+            self._released = max(self._released, seq)
+            self._released_cond.notify_all()
+
+    def wait_released(self, seq: int, timeout: float) -> bool:
+        if not self.release_tracked:  # no output stage (the library use, tests): durable is released
+            return self.wait_durable(seq, timeout)
+        deadline = time.monotonic() + timeout
+        with self._released_cond:
+            while self._released < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._released_cond.wait(left)
+        return True
 
     def log_done(self, through: int) -> None:
         """Outputs published and messages acked up to ``through`` (recovery republishes only later ones)."""
@@ -232,9 +255,10 @@ class Engine:
         1. Under the lock, copy every device's state and note the last record it includes (``seq``)
            and the digests of the most recent messages: a copy, so scoring goes on while it is written.
         2. Outside the lock, write the copy to a temporary file and fsync it.
-        3. Before the rename, wait until the log is durable up to ``seq``: a snapshot must never be
-           ahead of the log, or a host crash would leave state whose outputs were never published and
-           whose messages the broker redelivers.
+        3. Before the rename, wait until the outcomes of every record up to ``seq`` are released
+           (durable in the log, then published, answered, acked): a snapshot must never be ahead of
+           them — the log behind it is deleted next, and a record whose outcomes were never published
+           could then not be replayed to publish them (its redelivered messages would only be acked).
         4. Rename over the old snapshot and fsync the directory: from here recovery starts at ``seq``.
         5. Only now delete the log segments whose records are all ``<= seq`` (the old snapshot plus
            them was the only other way to that state).
@@ -251,8 +275,8 @@ class Engine:
                 self.snapshot_wanted.clear()
 
             def before_rename() -> None:  # 3.
-                if not self.wait_durable(seq, 60.0):
-                    raise RuntimeError(f"write-ahead log not durable up to {seq}; snapshot not taken")
+                if not self.wait_released(seq, 60.0):
+                    raise RuntimeError(f"outcomes not released up to record {seq}; snapshot not taken")
                 faults.point("snapshot.before_rename")
 
             copy.write(path, before_rename)  # 2., 4.
@@ -283,6 +307,7 @@ class Engine:
         extra = self._restore(out)  # 1.
         recent = [bytes.fromhex(d) for d in extra.get("recent", [])]
         self.recent.extend(recent)
+        out.released_through = self.applied_seq
         if self.wal is not None:
             self._replay(out)  # 2.-5.
             self.wal.start()
@@ -352,6 +377,7 @@ class Engine:
         except RuntimeError as exc:
             raise RecoveryError(str(exc)) from exc
         out.unpublished = pending
+        out.released_through = pending[0].seq - 1 if pending else self.applied_seq
 
     def _swap_to(self, ref: str, *, log_it: bool = True) -> None:
         if ref == BUILTIN_VERSION:

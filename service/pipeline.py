@@ -228,6 +228,7 @@ class OutputStage:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        engine.release_tracked = True
         self._items: deque[tuple[int, Callable[[], None]]] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -282,6 +283,7 @@ class OutputStage:
             with self._cond:
                 self._items.popleft()
             self.done_seq = seq
+            self.engine.mark_released(seq)
             self._mark()
 
     def _mark(self) -> None:

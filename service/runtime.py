@@ -7,12 +7,13 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from sensorwatch import faults
 from sensorwatch.scoring.batch import StepResult
 from sensorwatch.state.records import MessageMeta
-from service.engine import Engine, Recovery
+from service.engine import REDELIVERY_WINDOW, Engine, Recovery
 from service.metrics import Metrics
 from service.mqtt import RECEIVE_MAXIMUM, InboundMessage, MqttAdapter
 from service.payloads import (
@@ -37,6 +38,30 @@ log = logging.getLogger("sensorwatch.service")
 REDELIVERY_WINDOW_S = 300.0
 
 
+def _nothing() -> None:
+    """The release of a record with no outcomes (a device reset, a model swap)."""
+
+
+class RecentDigests:
+    """The last ``maxlen`` message digests, with O(1) membership."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._order: deque[bytes] = deque()
+        self._set: set[bytes] = set()
+        self.maxlen = maxlen
+
+    def add(self, digest: bytes) -> None:
+        if digest in self._set:
+            return
+        self._order.append(digest)
+        self._set.add(digest)
+        if len(self._order) > self.maxlen:
+            self._set.discard(self._order.popleft())
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._set
+
+
 class Service:
     """Wires the doors (MQTT, REST) to the one scoring path and the outputs (see :meth:`stop`)."""
 
@@ -45,6 +70,7 @@ class Service:
         self.metrics = metrics or Metrics(mqtt=bool(settings.mqtt_url))
         self.engine = Engine(settings, self.metrics)
         self.outputs = OutputStage(self.engine)
+        self.engine.on_plain_record = lambda seq: self.outputs.put(seq, _nothing)
         self._unacked = 0  # MQTT messages received and not yet acked (the broker's in-flight window)
         self.batcher = MicroBatcher(
             self.engine,
@@ -61,6 +87,7 @@ class Service:
             self.mqtt = MqttAdapter(settings, self._on_mqtt, self._on_mqtt_change)
         self._intake_open = False
         self._redeliveries: set[bytes] = set()
+        self._seen = RecentDigests(REDELIVERY_WINDOW)  # messages taken in lately (queued or applied)
         self._redeliveries_until = 0.0
         self._stop_snapshots = threading.Event()
         self._snapshotter = threading.Thread(
@@ -88,6 +115,7 @@ class Service:
         self.metrics.replayed_records.inc(r.replayed_records)
         self._redeliveries = self.engine.redelivery_digests()
         self._redeliveries_until = time.monotonic() + REDELIVERY_WINDOW_S
+        self.engine.mark_released(r.released_through)
         self.outputs.start()
         for item in r.unpublished:  # durable already: released first, in order
             self.outputs.put(item.seq, functools.partial(self._republish, item.record, item.result))
@@ -181,12 +209,10 @@ class Service:
         s = self.settings
         digest = message_digest(msg.topic, msg.payload)
         meta = MessageMeta("mqtt", msg.topic, digest, 0)
-        if self._redeliveries and digest in self._redeliveries:
-            if time.monotonic() < self._redeliveries_until:
-                self._redeliveries.discard(digest)
-                self.metrics.redeliveries.inc()
-                return Work([], [], [], "mqtt", functools.partial(self._ack_only, msg), meta)
-            self._redeliveries = set()
+        if self._is_redelivery(msg, digest):
+            self.metrics.redeliveries.inc()
+            return Work([], [], [], "mqtt", functools.partial(self._ack_only, msg), meta)
+        self._seen.add(digest)
         device = device_from_topic(s.topic_readings, msg.topic)
         try:
             if device is None:
@@ -206,6 +232,19 @@ class Service:
         return Work(
             [device] * len(ts), ts, values, "mqtt", functools.partial(self._mqtt_done, msg, meta), meta
         )
+
+    def _is_redelivery(self, msg: InboundMessage, digest: bytes) -> bool:
+        """A message the broker sends again that we already took in: flagged DUP (a retransmission
+        after a lost connection: its ack never arrived) and seen recently, or — for a while after a
+        crash — one the recovered log says was applied. It is acked (in order), not scored twice."""
+        if digest in self._seen and msg.dup:
+            return True
+        if self._redeliveries and digest in self._redeliveries:
+            if time.monotonic() < self._redeliveries_until:
+                self._redeliveries.discard(digest)
+                return True
+            self._redeliveries = set()
+        return False
 
     def _last_resort(self, msg: InboundMessage, exc: Exception) -> None:
         self.metrics.readings.labels("mqtt", "rejected").inc()

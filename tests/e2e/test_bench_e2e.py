@@ -1,0 +1,36 @@
+"""Smoke run of ``sensorwatch bench e2e``: it measures both workloads and the latency, and every reading
+it published got an outcome. No speed is asserted: machines are noisy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_e2e_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "-m", "service.cli", "bench", "e2e", "--quick", "--runs", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert [w["name"] for w in report["workloads"]] == ["one-reading", "gateway"]
+    for w in report["workloads"]:
+        assert w["bare_readings_per_s"] > 0
+        assert w["service_readings_per_s"] > 0
+        assert w["service_cpu_us_per_reading"] > 0
+        (run,) = w["runs"]
+        assert run["service"]["outcomes"] == w["readings"], "a published reading got no outcome"
+        assert run["service"]["rejected"] == 0, "the bench's readings must all be scored"
+        assert 0 < run["service"]["window_fraction"] <= 1
+
+    lat = report["latency"]
+    assert lat["published"] > 0
+    assert lat["matched"] == lat["published"], "a live reading's score never arrived"
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+    assert "latency at" in proc.stdout  # the table was printed
