@@ -654,3 +654,45 @@ def test_backpressure_with_a_tiny_queue_loses_nothing(
     assert not duplicates((s["device_id"], s["ts"]) for s in collector.docs("scores"))
     assert metric(m, "sensorwatch_readings_total", source="mqtt", outcome="scored") == 800
     assert metric(m, "sensorwatch_batch_size_count") >= 100  # at most 8 per step
+
+
+# -------------------------------------------------------------------------------------------- hostile
+def test_hostile_payloads_are_dead_lettered_and_intake_goes_on(
+    names: Names, tmp_path: Path, shared_broker: str
+) -> None:
+    """Payloads that once raised inside paho's network thread (stopping all MQTT intake while /readyz
+    said 200): nesting 12,000 deep, a 5,000-digit integer, random bytes."""
+    hostile = [
+        b'{"a":' * 12_000 + b"1" + b"}" * 12_000,
+        b"[" * 60_000,
+        b'{"ts": 1767225600, "values": [' + b"9" * 5000 + b"]}",
+        bytes(np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8)),
+    ]
+    settings = service_settings(
+        names, tmp_path, shared_broker, publish_scores=True, max_payload_bytes=200_000
+    )
+    collector = Collector(names.prefix)
+    publisher = Publisher()
+    try:
+        with running_service(settings) as client:
+            for payload in hostile:
+                publisher.publish(names.topic("target"), payload)
+            for i in range(20):
+                publisher.publish(names.topic("target"), reading(i, 20.0 + math.sin(i)))
+            publisher.wait_acked()
+            wait_until(lambda: collector.count("scores") >= 20, 20, "the 20 good readings scored")
+            wait_until(
+                lambda: collector.count("deadletter") >= len(hostile), 20, "the hostile ones dead-lettered"
+            )
+            ready = client.get("/readyz")
+            m = client.get("/metrics").text
+    finally:
+        publisher.close()
+        collector.close()
+    assert ready.status_code == 200, ready.text
+    dead = collector.docs("deadletter")
+    assert [d["reason"] for d in dead] == ["malformed_json"] * len(hostile)
+    assert all(d["event_id"] and d["detail"].startswith("not JSON") for d in dead)
+    assert [s["ts"] for s in collector.docs("scores")] == [T0 + i * DT for i in range(20)]
+    assert metric(m, "sensorwatch_rejections_total", reason="malformed_json") == len(hostile)
+    assert metric(m, "sensorwatch_readings_total", source="mqtt", outcome="scored") == 20
