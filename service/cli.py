@@ -98,6 +98,19 @@ def _add_bench_e2e(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--quick", action="store_true", help="small default counts (a smoke run)")
     e.set_defaults(func=_bench_e2e)
+    w = bsub.add_parser("wal", help="the service's scoring path with WAL_SYNC off / none / fsync, same run")
+    w.add_argument("--json", help="write the results as JSON here")
+    w.add_argument("--devices", type=int, default=1000, help="devices of the one-reading workload")
+    w.add_argument("--messages", type=int, default=50_000, help="one-reading messages per pass")
+    w.add_argument("--trials", type=int, default=3)
+    w.add_argument("--model", help="model reference or 'builtin' (default: the default model)")
+    w.set_defaults(func=_bench_wal)
+
+
+def _bench_wal(args: argparse.Namespace) -> int:
+    from service import bench_pipeline
+
+    return bench_pipeline.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,9 +4,9 @@
   is full — for MQTT that stops reading the socket, so the broker holds the backlog (backpressure,
   never unbounded memory); REST callers get a 503 after a short wait. One worker thread takes items
   FIFO and scores them in one :meth:`Engine.apply` (a device's readings keep their order: FIFO across
-  batches, timestamp order within one). It waits up to ``max_wait_ms`` for a batch to fill only while
-  ``eager()`` says more input can still come: when the broker's in-flight window is half used, no more
-  messages arrive until we ack, so waiting would only add latency.
+  batches, timestamp order within one). A batch goes once ``min_batch`` readings are queued or the
+  first has waited ``max_wait_ms``; it takes everything queued, up to ``max_batch``. Acks flow from the
+  output stage meanwhile, so the broker keeps sending while a batch fills.
 * :class:`OutputStage` releases each batch's outcomes — published results, MQTT acks, REST answers —
   in the order the batches were applied, each only once the engine says its log record is durable.
   Scoring the next batch overlaps with the disk sync of the previous one.
@@ -75,7 +75,7 @@ class MicroBatcher:
         max_batch: int,
         max_wait_ms: float,
         max_queue: int,
-        eager: Callable[[], bool] = lambda: False,
+        min_batch: int | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -83,7 +83,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self.eager = eager
+        self.min_batch = min(max_batch, min_batch or max_batch)
         metrics.queue_capacity.set(max_queue)
         self._items: deque[Work] = deque()
         self._queued = 0
@@ -114,9 +114,13 @@ class MicroBatcher:
                 self._cond.wait(left)
             if self._closed:
                 raise QueueFull("service is shutting down")
+            was_empty = not self._items
             self._items.append(work)
             self._queued += n
-            self._cond.notify_all()
+            # Wake the worker only when it has something to decide: the first item (its wait starts),
+            # or a full batch; a wake-up per message costs both threads a GIL hand-over.
+            if was_empty or self._queued >= self.min_batch:
+                self._cond.notify_all()
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop intake, score everything already queued, stop the worker. True when fully drained."""
@@ -133,7 +137,7 @@ class MicroBatcher:
                     return None
                 self._cond.wait(0.5)
             first_at = self._items[0].enqueued
-            while not self._closed and self._queued < self.max_batch and not self.eager():
+            while not self._closed and self._queued < self.min_batch:
                 left = first_at + self.max_wait - time.monotonic()
                 if left <= 0:
                     break

@@ -18,9 +18,9 @@ from service.metrics import Metrics
 from service.mqtt import RECEIVE_MAXIMUM, InboundMessage, MqttAdapter
 from service.payloads import (
     PayloadError,
+    TopicMatcher,
     anomaly_event,
     deadletter,
-    device_from_topic,
     dumps,
     event_id,
     message_digest,
@@ -32,6 +32,12 @@ from service.pipeline import MicroBatcher, OutputStage, QueueFull, Work
 from service.settings import Settings
 
 log = logging.getLogger("sensorwatch.service")
+
+#: A batch goes as soon as this many readings are queued (else after MAX_WAIT_MS): a scorer step has
+#: a fixed cost of ~1 ms, so tiny batches starve throughput, while the broker's in-flight window
+#: (RECEIVE_MAXIMUM messages, acked only once scored) caps how many can ever be queued.
+MIN_BATCH = RECEIVE_MAXIMUM // 4
+MIN_BATCH_311 = 16
 
 #: How long after start a message may still be recognised as a redelivery of one applied before a
 #: crash (the broker resends its in-flight messages first thing after we reconnect).
@@ -71,7 +77,6 @@ class Service:
         self.engine = Engine(settings, self.metrics)
         self.outputs = OutputStage(self.engine)
         self.engine.on_plain_record = lambda seq: self.outputs.put(seq, _nothing)
-        self._unacked = 0  # MQTT messages received and not yet acked (the broker's in-flight window)
         self.batcher = MicroBatcher(
             self.engine,
             self.metrics,
@@ -79,7 +84,9 @@ class Service:
             max_batch=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
-            eager=lambda: self._unacked >= RECEIVE_MAXIMUM // 2,
+            # MQTT 3.1.1 has no Receive Maximum: the broker's max_inflight_messages (Mosquitto: 20 by
+            # default) caps what can be queued, so a batch goes at a size below it.
+            min_batch=MIN_BATCH if settings.mqtt_protocol == "5" else MIN_BATCH_311,
         )
         self.metrics.watch_engine(self.engine, self.batcher, self.outputs)
         self.mqtt: MqttAdapter | None = None
@@ -87,6 +94,7 @@ class Service:
             self.mqtt = MqttAdapter(settings, self._on_mqtt, self._on_mqtt_change)
         self._intake_open = False
         self._redeliveries: set[bytes] = set()
+        self._device_of = TopicMatcher(settings.topic_readings)
         self._seen = RecentDigests(REDELIVERY_WINDOW)  # messages taken in lately (queued or applied)
         self._redeliveries_until = 0.0
         self._stop_snapshots = threading.Event()
@@ -196,7 +204,6 @@ class Service:
         """Runs on paho's network thread: nothing may escape (it would stop all MQTT intake)."""
         if not self._intake_open:
             return  # not acked: redelivered from the persistent session after the restart
-        self._unacked += 1
         try:
             self.batcher.submit(self._mqtt_work(msg))  # blocking while full is the backpressure
         except QueueFull:
@@ -213,7 +220,7 @@ class Service:
             self.metrics.redeliveries.inc()
             return Work([], [], [], "mqtt", functools.partial(self._ack_only, msg), meta)
         self._seen.add(digest)
-        device = device_from_topic(s.topic_readings, msg.topic)
+        device = self._device_of(msg.topic)
         try:
             if device is None:
                 raise PayloadError(
@@ -293,8 +300,8 @@ class Service:
             if meta.source == "mqtt" and meta.reason is not None:
                 self._dead_letter(meta, b"", None, replayed=True)
             elif meta.source == "mqtt":
-                self._publish_outcomes(meta, b"", result, start, start + meta.count, replayed=True)
-            start += meta.count
+                self._publish_outcomes(meta, b"", result, start, start + meta.readings, replayed=True)
+            start += meta.readings
 
     def _publish_outcomes(
         self,
@@ -357,7 +364,6 @@ class Service:
             self.mqtt.publish(topic, payload)
 
     def _ack(self, msg: InboundMessage) -> None:
-        self._unacked -= 1
         if self.mqtt is not None:
             self.mqtt.ack(msg)
 

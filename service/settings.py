@@ -106,7 +106,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for admin endpoints; required unless --insecure-no-auth."
     )
-    max_batch: int = Field(4096, ge=1, le=1_000_000, description="Readings per scorer step.")
+    max_batch: int = Field(
+        16_384,
+        ge=1,
+        le=1_000_000,
+        description="Most readings per scorer step (a batch takes what is queued, up to this).",
+    )
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="Longest a reading waits for its batch.")
     max_queue: int = Field(100_000, ge=1, description="Readings waiting to be scored (backpressure beyond).")
     max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
-from service.settings import SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings
 from tests.support import build_artifacts, corrupt_artifact
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_toml_file(tmp_path: Path) -> None:
     s = load_settings(config_file=cfg)
     assert (s.max_batch, s.topic_prefix, s.publish_scores, s.max_wait_ms) == (99, "plant-a", True, 2.5)
     # The file is only used for that call.
-    assert load_settings().max_batch == 4096
+    assert load_settings().max_batch == Settings.model_fields["max_batch"].default
 
 
 def test_environment_beats_toml_and_overrides_beat_both(
