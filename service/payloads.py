@@ -197,11 +197,14 @@ REASON_DETAILS = {
 
 
 def result_records(result: StepResult, start: int, stop: int) -> list[dict[str, Any]]:
-    """Records of readings ``start:stop`` with a human detail for rejections."""
+    """Records of readings ``start:stop`` (REST): a human detail for rejections, an ``event_id`` for
+    results (the same the reading's MQTT score and event carry)."""
     out = []
     for i in range(start, stop):
         rec = result.record(i)
-        if not rec["accepted"]:
+        if rec["accepted"]:
+            rec["event_id"] = event_id(rec["device_id"], rec["ts"], rec["model_version"])
+        else:
             rec["detail"] = REASON_DETAILS.get(rec["reason"], rec["reason"])
         out.append(rec)
     return out

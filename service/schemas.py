@@ -87,6 +87,7 @@ RESULT_EXAMPLE: dict[str, Any] = {
     "gap_reset": False,
     "imputed": [],
     "model_version": "univariate/2",
+    "event_id": "5f0c9a1e2b7d4c3a8e6f1b2d",
 }
 REJECTION_EXAMPLE: dict[str, Any] = {
     "device_id": "pump-7",
