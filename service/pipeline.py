@@ -63,7 +63,24 @@ class QueueFull(RuntimeError):
     """The intake queue stayed full for the whole wait."""
 
 
-class MicroBatcher:
+class _Worker:
+    """One daemon thread running ``_run``."""
+
+    def __init__(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class MicroBatcher(_Worker):
     """Bounded FIFO of :class:`Work` and the worker thread that scores it (see module docstring)."""
 
     def __init__(
@@ -89,14 +106,7 @@ class MicroBatcher:
         self._queued = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="sensorwatch-batcher", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+        super().__init__("sensorwatch-batcher")
 
     @property
     def depth(self) -> int:
@@ -227,7 +237,7 @@ def _fail(batch: list[Work]) -> None:
         _safe(w.done, None, 0, 0)
 
 
-class OutputStage:
+class OutputStage(_Worker):
     """Runs each batch's release in apply order, once the engine's log is durable up to its record."""
 
     def __init__(self, engine: Engine) -> None:
@@ -240,14 +250,7 @@ class OutputStage:
         self.done_seq = 0
         self._marked_seq = 0
         self._marked_at = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="sensorwatch-outputs", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+        super().__init__("sensorwatch-outputs")
 
     @property
     def depth(self) -> int:

@@ -235,6 +235,15 @@ class StepResult:
     imputed: np.ndarray
     model_version: str
     channel_names: tuple[str, ...]
+    _notable: list[int] | None = field(default=None, repr=False, compare=False)
+
+    def notable_between(self, start: int, stop: int) -> bool:
+        """Whether any reading in ``start:stop`` is rejected or an anomaly (what is published when
+        scores are not): answered in O(1) from one cumulative count per result."""
+        if self._notable is None:
+            flag = ~self.accepted | self.is_anomaly
+            self._notable = [0, *np.cumsum(flag).tolist()]
+        return self._notable[stop] > self._notable[start]
 
     @classmethod
     def empty(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -37,15 +38,14 @@ import orjson
 from sensorwatch.scoring.batch import ReadingBatch
 
 
-@dataclass(frozen=True)
-class MessageMeta:
+class MessageMeta(NamedTuple):
     """One message (or REST request) of a batch: where it came from and how many readings it holds."""
 
     source: str
     topic: str
     digest: bytes
-    count: int
-    reason: str | None = None  # a message refused whole (count 0): its reason and detail
+    readings: int
+    reason: str | None = None  # a message refused whole (0 readings): its reason and detail
     detail: str | None = None
 
 
@@ -98,7 +98,7 @@ def _encode_batch(rec: BatchRecord) -> bytes:
             "c": b.channels,
             "ids": b.device_ids,
             "reject": rejects,
-            "msgs": [[m.source, m.topic, m.digest.hex(), m.count, m.reason, m.detail] for m in rec.messages],
+            "msgs": [[m.source, m.topic, m.digest.hex(), *m[3:]] for m in rec.messages],
         }
     )
     ts = np.ascontiguousarray(b.ts, dtype="<f8").tobytes()
