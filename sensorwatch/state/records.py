@@ -12,7 +12,8 @@
   again, marked ``replayed``).
 
 A batch payload is ``b"B"`` + a u32 length + a JSON header + the timestamps (float64) + the values
-(float64, row-major); the others are ``b"J"`` + JSON.
+(float64, row-major) + per message its reading count (u32) and digest (16 bytes); the others are
+``b"J"`` + JSON.
 
 >>> import numpy as np
 >>> from sensorwatch.scoring.batch import ReadingBatch
@@ -74,6 +75,7 @@ class DoneRecord:
 
 Record = BatchRecord | ResetRecord | ReloadRecord | DoneRecord
 _U32 = struct.Struct("<I")
+DIGEST_BYTES = 16
 
 
 def encode(rec: Record) -> bytes:
@@ -89,21 +91,33 @@ def encode(rec: Record) -> bytes:
 
 
 def _encode_batch(rec: BatchRecord) -> bytes:
-    b = rec.batch
-    rejects = [[i, r] for i, r in enumerate(b.reject.tolist()) if r is not None]
+    """Header JSON (ids, topics, sparse rejections and refusals), then binary columns: timestamps,
+    values, per message its reading count (u32) and digest (16 bytes; empty for REST)."""
+    b, msgs = rec.batch, rec.messages
+    # One transpose of the message tuples instead of a Python pass per column.
+    src, topics, digest, readings, reasons, details = zip(*msgs, strict=True) if msgs else ((),) * 6
+    rejected = np.flatnonzero(b.reject != None).tolist()  # noqa: E711 - elementwise, not identity
     header = orjson.dumps(
         {
             "clock": rec.clock,
             "n": len(b),
             "c": b.channels,
             "ids": b.device_ids,
-            "reject": rejects,
-            "msgs": [[m.source, m.topic, m.digest.hex(), *m[3:]] for m in rec.messages],
+            "reject": [[i, b.reject[i]] for i in rejected],
+            "src": src,
+            "topics": topics,
+            "refused": [[i, r, details[i]] for i, r in enumerate(reasons) if r is not None]
+            if any(reasons)
+            else [],
         }
     )
     ts = np.ascontiguousarray(b.ts, dtype="<f8").tobytes()
     values = np.ascontiguousarray(b.values, dtype="<f8").tobytes()
-    return b"".join((b"B", _U32.pack(len(header)), header, ts, values))
+    counts = np.array(readings, dtype="<u4").tobytes()
+    digests = b"".join(digest)
+    if len(digests) != DIGEST_BYTES * len(msgs):  # some without a digest (REST): pad each
+        digests = b"".join(d.ljust(DIGEST_BYTES, b"\0") for d in digest)
+    return b"".join((b"B", _U32.pack(len(header)), header, ts, values, counts, digests))
 
 
 def decode(payload: bytes | memoryview) -> Record:
@@ -134,5 +148,14 @@ def _decode_batch(data: memoryview) -> BatchRecord:
     for i, r in head["reject"]:
         reject[i] = r
     batch = ReadingBatch(list(head["ids"]), ts, values.reshape(n, c), reject)
-    msgs = [MessageMeta(s, t, bytes.fromhex(d), int(k), r, det) for s, t, d, k, r, det in head["msgs"]]
+    m = len(head["src"])
+    off += 8 * n + 8 * n * c
+    counts = np.frombuffer(data, dtype="<u4", count=m, offset=off).tolist()
+    blob = bytes(data[off + 4 * m : off + 4 * m + DIGEST_BYTES * m])
+    refused = {i: (r, d) for i, r, d in head["refused"]}
+    msgs = []
+    for i, (src, topic) in enumerate(zip(head["src"], head["topics"], strict=True)):
+        digest = blob[DIGEST_BYTES * i : DIGEST_BYTES * (i + 1)]
+        reason, detail = refused.get(i, (None, None))
+        msgs.append(MessageMeta(src, topic, digest if any(digest) else b"", counts[i], reason, detail))
     return BatchRecord(float(head["clock"]), batch, msgs)
