@@ -64,7 +64,11 @@ class QueueFull(RuntimeError):
 
 
 class _Worker:
-    """One daemon thread running ``_run``."""
+    """One daemon thread running ``_run`` over ``_items``, guarded by ``_cond``."""
+
+    _cond: threading.Condition
+    _items: deque[Any]
+    _closed: bool
 
     def __init__(self, name: str) -> None:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -78,6 +82,14 @@ class _Worker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop taking work, finish what is queued, stop the thread. True when fully drained."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive() and not self._items
 
 
 class MicroBatcher(_Worker):
@@ -131,14 +143,6 @@ class MicroBatcher(_Worker):
             # or a full batch; a wake-up per message costs both threads a GIL hand-over.
             if was_empty or self._queued >= self.min_batch:
                 self._cond.notify_all()
-
-    def close(self, timeout: float = 30.0) -> bool:
-        """Stop intake, score everything already queued, stop the worker. True when fully drained."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive() and not self._items
 
     def _take(self) -> list[Work] | None:
         with self._cond:
@@ -260,14 +264,6 @@ class OutputStage(_Worker):
         with self._cond:
             self._items.append((seq, release))
             self._cond.notify_all()
-
-    def close(self, timeout: float = 30.0) -> bool:
-        """Release everything queued, then stop. True when fully drained."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive() and not self._items
 
     def _run(self) -> None:
         while True:
