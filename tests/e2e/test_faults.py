@@ -172,7 +172,7 @@ def test_killed_around_a_group_commit_or_before_an_ack(kill: str, tmp_path: Path
         assert "redeliver" in got.log or "replayed" in got.log
 
 
-@pytest.mark.parametrize("kill", ["snapshot.before_rename:2", "snapshot.after_rename:2"])
+@pytest.mark.parametrize("kill", ["snapshot.before_rename:1", "snapshot.after_rename:1"])
 def test_killed_during_a_snapshot(kill: str, tmp_path: Path, reference: Run) -> None:
     # A snapshot after every ~2 KB of log: several during the stream.
     got = run(tmp_path, [kill], SENSORWATCH_WAL_SNAPSHOT_MB="0.002")
