@@ -138,8 +138,13 @@ class Engine:
     def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
         return True if self.wal is None else self.wal.wait_durable(seq, timeout)
 
+    @property
+    def released(self) -> int:
+        """Every outcome up to this record is released (and delivered to the broker)."""
+        return self._released
+
     def mark_released(self, seq: int) -> None:
-        """The output stage released every outcome up to ``seq``."""
+        """Every outcome up to ``seq`` is released (published and acknowledged, answered, acked)."""
         with self._released_cond:
             self._released = max(self._released, seq)
             self._released_cond.notify_all()

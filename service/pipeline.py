@@ -254,6 +254,9 @@ class OutputStage(_Worker):
         self.done_seq = 0
         self._marked_seq = 0
         self._marked_at = time.monotonic()
+        #: Called after a batch's release; the service counts a release delivered only once the
+        #: broker acknowledged what it published (the default: released is delivered).
+        self.on_released: Callable[[int], None] = engine.mark_released
         super().__init__("sensorwatch-outputs")
 
     @property
@@ -286,14 +289,15 @@ class OutputStage(_Worker):
             with self._cond:
                 self._items.popleft()
             self.done_seq = seq
-            self.engine.mark_released(seq)
+            self.on_released(seq)
             self._mark()
 
     def _mark(self) -> None:
         now = time.monotonic()
-        if now - self._marked_at >= DONE_MARK_S and self.done_seq > self._marked_seq:
-            self._marked_at, self._marked_seq = now, self.done_seq
-            self.engine.log_done(self.done_seq)
+        released = self.engine.released
+        if now - self._marked_at >= DONE_MARK_S and released > self._marked_seq:
+            self._marked_at, self._marked_seq = now, released
+            self.engine.log_done(released)
 
 
 def _safe(fn: Callable[..., Any], *args: Any) -> None:

@@ -90,8 +90,12 @@ class Service:
         )
         self.metrics.watch_engine(self.engine, self.batcher, self.outputs)
         self.mqtt: MqttAdapter | None = None
+        self._undelivered: deque[tuple[int, int]] = deque()  # (record, publishes issued by then)
+        self._delivery_lock = threading.Lock()
         if settings.mqtt_url:
             self.mqtt = MqttAdapter(settings, self._on_mqtt, self._on_mqtt_change)
+            self.outputs.on_released = self._released
+            self.mqtt.on_acked = self._advance_delivery
         self._intake_open = False
         self._redeliveries: set[bytes] = set()
         self._device_of = TopicMatcher(settings.topic_readings)
@@ -167,10 +171,13 @@ class Service:
             log.error("micro-batcher did not drain within 60 s")
         if not self.outputs.close(timeout=60):
             log.error("output stage did not drain within 60 s")
-        if self.mqtt is not None:
-            self.mqtt.flush(timeout=10)
+        delivered = self.mqtt is None or self.mqtt.flush(timeout=10)
         self._stop_snapshots.set()
-        if self.outputs.failed is None:
+        if not delivered and self.engine.wal is not None:
+            # A snapshot now would be ahead of outcomes the broker never acknowledged; the log keeps
+            # them, and the next start publishes them again.
+            log.warning("outcomes not acknowledged by the broker; no snapshot (the log covers them)")
+        elif self.outputs.failed is None:
             path = self.engine.snapshot()
             if path is not None:
                 log.info("state of %d devices written to %s", len(self.engine.scorer.store), path)
@@ -358,6 +365,25 @@ class Service:
             self._publish(f"{self.t_anomalies}/{device}", dumps(anomaly_event(rec)))
         if self.settings.publish_scores:
             self._publish(f"{self.t_scores}/{device}", dumps(rec))
+
+    def _released(self, seq: int) -> None:
+        """A batch's outcomes are handed to paho; they count as released (for the "done" marks and
+        for snapshots) once the broker acknowledged every publish issued up to now: a kill after
+        ``publish()`` but before paho wrote the message would otherwise lose it for good (its
+        redelivered input is only acked, as already applied)."""
+        assert self.mqtt is not None
+        with self._delivery_lock:
+            self._undelivered.append((seq, self.mqtt.issued))
+        self._advance_delivery()
+
+    def _advance_delivery(self) -> None:
+        assert self.mqtt is not None
+        acked, done = self.mqtt.acked, None
+        with self._delivery_lock:
+            while self._undelivered and self._undelivered[0][1] <= acked:
+                done = self._undelivered.popleft()[0]
+        if done is not None:
+            self.engine.mark_released(done)
 
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.mqtt is not None:
