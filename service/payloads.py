@@ -39,26 +39,9 @@ def valid_device_id(device_id: str) -> bool:
     return bool(DEVICE_ID.match(device_id))
 
 
-def device_from_topic(pattern: str, topic: str) -> str | None:
-    """The device id at the pattern's ``+`` position, or None when the topic does not match.
-
-    >>> device_from_topic("sensors/+/readings", "sensors/pump-7/readings")
-    'pump-7'
-    """
-    p, t = pattern.split("/"), topic.split("/")
-    if len(p) != len(t):
-        return None
-    device = None
-    for ps, ts in zip(p, t, strict=True):
-        if ps == "+":
-            device = ts
-        elif ps != ts:
-            return None
-    return device
-
-
 class TopicMatcher:
-    """``device_from_topic`` for one pattern, without splitting every topic.
+    """The device id at the pattern's ``+`` position (None when the topic does not match), for one
+    pattern, without splitting every topic.
 
     >>> TopicMatcher("sensors/+/readings")("sensors/pump-7/readings"), TopicMatcher("a/+")("a/b/c")
     ('pump-7', None)

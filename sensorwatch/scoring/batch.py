@@ -110,21 +110,12 @@ class ReadingBatch:
     @classmethod
     def from_records(cls, readings: Sequence[Reading], channel_names: Sequence[str]) -> ReadingBatch:
         """Parse heterogeneous readings; malformed ones become rejections with a reason code."""
-        c = len(channel_names)
-        index = {name: i for i, name in enumerate(channel_names)}
-        n = len(readings)
-        values = np.full((n, c), np.nan)
-        ts = np.zeros(n)
-        reject = np.full(n, None, dtype=object)
-        for i, r in enumerate(readings):
-            reason = _parse_into(r, index, values[i])
-            try:
-                ts[i] = parse_ts(r.ts)  # also for rejected readings: their rejection reports it
-            except (ValueError, TypeError, OverflowError):
-                ts[i] = math.nan
-                reason = reason or RejectReason.BAD_TIMESTAMP
-            reject[i] = reason.value if reason is not None else None
-        return cls([r.device_id for r in readings], ts, values, reject)
+        return cls.from_columns(
+            [r.device_id for r in readings],
+            [r.ts for r in readings],
+            [r.values for r in readings],
+            channel_names,
+        )
 
     @classmethod
     def from_columns(
@@ -147,12 +138,14 @@ class ReadingBatch:
             v, t = values[i], ts[i]
             if type(v) is list and len(v) == c and all(type(x) is float for x in v):
                 values_out[i] = v
-                reason = None if device_ids[i] else RejectReason.BAD_DEVICE_ID
+                ok_id = type(device_ids[i]) is str and device_ids[i]
+                reason = None if ok_id else RejectReason.BAD_DEVICE_ID
             else:
                 reason = _parse_values(device_ids[i], v, index, values_out[i])
             if type(t) is float or (type(t) is int and -(2**53) < t < 2**53):
-                ts_out[i] = t
-                if t != t:  # NaN: the slot of an unreadable reading
+                ts_out[i] = t  # also for rejected readings: their rejection reports it
+                if not math.isfinite(t):  # as parse_ts refuses it (NaN: an unreadable reading's slot)
+                    ts_out[i] = math.nan
                     reason = reason or RejectReason.BAD_TIMESTAMP
             else:
                 try:
@@ -163,10 +156,6 @@ class ReadingBatch:
             if reason is not None:
                 reject[i] = reason.value
         return cls(device_ids, ts_out, values_out, reject)
-
-
-def _parse_into(r: Reading, index: Mapping[str, int], out: np.ndarray) -> RejectReason | None:
-    return _parse_values(r.device_id, r.values, index, out)
 
 
 def _parse_values(
