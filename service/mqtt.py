@@ -14,6 +14,7 @@ import logging
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -67,8 +68,10 @@ class MqttAdapter:
         self.acked = 0
         self._issued_at_loss = 0
         self._outstanding_cond = threading.Condition()
-        #: Called on paho's thread after every acknowledgement (the service advances delivery).
-        self.on_acked: Callable[[], None] | None = None
+        # Delivery tracking: (record seq, publishes issued when its outcomes were all handed to paho).
+        self._undelivered: deque[tuple[int, int]] = deque()
+        #: Called with a record's seq once the broker acknowledged everything issued up to its mark.
+        self.on_delivered: Callable[[int], None] = lambda seq: None
         v5 = settings.mqtt_protocol == "5"
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -155,10 +158,27 @@ class MqttAdapter:
             self.acked = min(self.issued, self.acked + 1)
             if self.acked >= self.issued:
                 self._outstanding_cond.notify_all()
-        if self.on_acked is not None:
-            self.on_acked()
+        self._advance()
 
-    def ack(self, msg: InboundMessage) -> None:
+    def mark(self, seq: int) -> None:
+        """Every outcome of record ``seq`` is published (handed to paho): it counts as delivered —
+        for the log's "done" marks and for snapshots — once the broker acknowledged every publish
+        issued up to now. A kill after ``publish()`` but before paho wrote the message would otherwise
+        lose it for good (its redelivered input is only acked, as already applied)."""
+        with self._outstanding_cond:
+            self._undelivered.append((seq, self.issued))
+        self._advance()
+
+    def _advance(self) -> None:
+        done = None
+        with self._outstanding_cond:
+            while self._undelivered and self._undelivered[0][1] <= self.acked:
+                done = self._undelivered.popleft()[0]
+        if done is not None:
+            self.on_delivered(done)
+
+    def ack(self, msg: Any) -> None:
+        """Ack a received message (anything with ``mid`` and ``qos``)."""
         if msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)
 

@@ -126,23 +126,29 @@ class MicroBatcher(_Worker):
 
     def submit(self, work: Work, timeout: float | None = None) -> None:
         """Queue ``work``; blocks while the queue is full (raises :class:`QueueFull` after ``timeout``)."""
-        n = work.size
+        self.submit_many([work], timeout)
+
+    def submit_many(self, works: list[Work], timeout: float | None = None) -> None:
+        """Queue ``works`` in order (one lock hand-over for a chunk of MQTT messages); blocks while
+        the queue is full, raises :class:`QueueFull` (the rest not queued) after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._closed and self._queued > 0 and self._queued + n > self.max_queue:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise QueueFull(f"intake queue full ({self._queued} readings waiting)")
-                self._cond.wait(left)
-            if self._closed:
-                raise QueueFull("service is shutting down")
-            was_empty = not self._items
-            self._items.append(work)
-            self._queued += n
-            # Wake the worker only when it has something to decide: the first item (its wait starts),
-            # or a full batch; a wake-up per message costs both threads a GIL hand-over.
-            if was_empty or self._queued >= self.min_batch:
-                self._cond.notify_all()
+            for work in works:
+                n = work.size
+                while not self._closed and self._queued > 0 and self._queued + n > self.max_queue:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise QueueFull(f"intake queue full ({self._queued} readings waiting)")
+                    self._cond.wait(left)
+                if self._closed:
+                    raise QueueFull("service is shutting down")
+                was_empty = not self._items
+                self._items.append(work)
+                self._queued += n
+                # Wake the worker only when it has something to decide: the first item (its wait
+                # starts), or a full batch; a wake-up per message costs both threads a GIL hand-over.
+                if was_empty or self._queued >= self.min_batch:
+                    self._cond.notify_all()
 
     def _take(self) -> list[Work] | None:
         with self._cond:

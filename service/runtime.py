@@ -14,20 +14,10 @@ from sensorwatch import faults
 from sensorwatch.scoring.batch import StepResult
 from sensorwatch.state.records import MessageMeta
 from service.engine import REDELIVERY_WINDOW, Engine, Recovery
+from service.intake import IntakeProcess, ParsedMessage, Parser
 from service.metrics import Metrics
-from service.mqtt import RECEIVE_MAXIMUM, InboundMessage, MqttAdapter
-from service.payloads import (
-    PayloadError,
-    TopicMatcher,
-    anomaly_event,
-    deadletter,
-    dumps,
-    event_id,
-    message_digest,
-    parse_message,
-    records_to_publish,
-    rejection_id,
-)
+from service.mqtt import RECEIVE_MAXIMUM, MqttAdapter
+from service.payloads import anomaly_event, deadletter, dumps, event_id, records_to_publish, rejection_id
 from service.pipeline import MicroBatcher, OutputStage, QueueFull, Work
 from service.settings import Settings
 
@@ -89,16 +79,21 @@ class Service:
             min_batch=MIN_BATCH if settings.mqtt_protocol == "5" else MIN_BATCH_311,
         )
         self.metrics.watch_engine(self.engine, self.batcher, self.outputs)
-        self.mqtt: MqttAdapter | None = None
-        self._undelivered: deque[tuple[int, int]] = deque()  # (record, publishes issued by then)
-        self._delivery_lock = threading.Lock()
-        if settings.mqtt_url:
-            self.mqtt = MqttAdapter(settings, self._on_mqtt, self._on_mqtt_change)
-            self.outputs.on_released = self._released
-            self.mqtt.on_acked = self._advance_delivery
+        self.mqtt: MqttAdapter | IntakeProcess | None = None
+        if settings.mqtt_url and settings.mqtt_intake == "process":
+            self.mqtt = IntakeProcess(settings, self._on_mqtt_messages, self._on_mqtt_change)
+        elif settings.mqtt_url:
+            parse = Parser(settings)
+            self.mqtt = MqttAdapter(
+                settings, lambda msg: self._on_mqtt_messages([parse(msg)]), self._on_mqtt_change
+            )
+        if self.mqtt is not None:
+            # A batch's outcomes are handed to paho, then its record is marked; it counts as released
+            # (for the "done" marks and for snapshots) once the broker acknowledged them (see mark).
+            self.outputs.on_released = self.mqtt.mark
+            self.mqtt.on_delivered = self.engine.mark_released
         self._intake_open = False
         self._redeliveries: set[bytes] = set()
-        self._device_of = TopicMatcher(settings.topic_readings)
         self._seen = RecentDigests(REDELIVERY_WINDOW)  # messages taken in lately (queued or applied)
         self._redeliveries_until = 0.0
         self._stop_snapshots = threading.Event()
@@ -145,6 +140,8 @@ class Service:
             return self.outputs.failed
         if self._intake_open and not (self.batcher.alive and self.outputs.alive):
             return "a scoring thread died"
+        if self._intake_open and isinstance(self.mqtt, IntakeProcess) and not self.mqtt.alive:
+            return self.mqtt.died or "the MQTT intake process exited"
         if self._intake_open and self.mqtt is not None and self.mqtt.connected and not self.mqtt.alive:
             return "the MQTT network thread died"
         return None
@@ -207,47 +204,39 @@ class Service:
         if connected and reconnect:
             self.metrics.mqtt_reconnects.inc()
 
-    def _on_mqtt(self, msg: InboundMessage) -> None:
-        """Runs on paho's network thread: nothing may escape (it would stop all MQTT intake)."""
+    def _on_mqtt_messages(self, messages: list[ParsedMessage]) -> None:
+        """Parsed MQTT messages, in arrival order (from the intake process's receiver thread, or from
+        paho's thread with ``MQTT_INTAKE=thread``): nothing may escape (it would stop all intake)."""
         if not self._intake_open:
             return  # not acked: redelivered from the persistent session after the restart
+        works = []
+        for msg in messages:
+            try:
+                works.append(self._mqtt_work(msg))
+            except Exception as exc:  # a bug, not an input: still one outcome, and intake goes on
+                log.exception("MQTT message on %r not queued", msg.topic[:200])
+                works.append(self._rejected(msg, "internal_error", f"not queued: {exc}"))
         try:
-            self.batcher.submit(self._mqtt_work(msg))  # blocking while full is the backpressure
+            self.batcher.submit_many(works)  # blocking while full is the backpressure
         except QueueFull:
-            return  # shutting down: not acked, redelivered later
-        except Exception as exc:  # a bug, not an input: still one outcome, and intake goes on
-            log.exception("MQTT message on %r not queued", msg.topic[:200])
-            self._last_resort(msg, exc)
+            return  # shutting down: the rest is not acked, and redelivered later
 
-    def _mqtt_work(self, msg: InboundMessage) -> Work:
-        s = self.settings
-        digest = message_digest(msg.topic, msg.payload)
-        meta = MessageMeta("mqtt", msg.topic, digest, 0)
+    def _mqtt_work(self, msg: ParsedMessage) -> Work:
+        digest = msg.digest
         if self._is_redelivery(msg, digest):
             self.metrics.redeliveries.inc()
+            meta = MessageMeta("mqtt", msg.topic, digest, 0)
             return Work([], [], [], "mqtt", functools.partial(self._ack_only, msg), meta)
         self._seen.add(digest)
-        device = self._device_of(msg.topic)
-        try:
-            if device is None:
-                raise PayloadError(
-                    "bad_topic", f"topic {msg.topic[:200]!r} does not match {s.topic_readings!r}"
-                )
-            ts, values = parse_message(
-                msg.payload, device, max_bytes=s.max_payload_bytes, max_readings=s.max_request_readings
-            )
-        except PayloadError as exc:
-            self.metrics.readings.labels("mqtt", "rejected").inc()
-            self.metrics.rejections.labels(exc.reason).inc()
-            meta = MessageMeta("mqtt", msg.topic, digest, 0, exc.reason, exc.detail)
-            done = functools.partial(self._reject_done, msg, meta, device)
-            return Work([], [], [], "mqtt", done, meta)
-        meta = MessageMeta("mqtt", msg.topic, digest, len(ts))
+        if msg.reason is not None:
+            return self._rejected(msg, msg.reason, msg.detail)
+        n = len(msg.ts)
+        meta = MessageMeta("mqtt", msg.topic, digest, n)
         return Work(
-            [device] * len(ts), ts, values, "mqtt", functools.partial(self._mqtt_done, msg, meta), meta
+            [msg.device] * n, msg.ts, msg.values, "mqtt", functools.partial(self._mqtt_done, msg, meta), meta
         )
 
-    def _is_redelivery(self, msg: InboundMessage, digest: bytes) -> bool:
+    def _is_redelivery(self, msg: ParsedMessage, digest: bytes) -> bool:
         """A message the broker sends again that we already took in: flagged DUP (a retransmission
         after a lost connection: its ack never arrived) and seen recently, or — for a while after a
         crash — one the recovered log says was applied. It is acked (in order), not scored twice."""
@@ -260,20 +249,17 @@ class Service:
             self._redeliveries = set()
         return False
 
-    def _last_resort(self, msg: InboundMessage, exc: Exception) -> None:
+    def _rejected(self, msg: ParsedMessage, reason: str, detail: str) -> Work:
+        """A message refused whole: one dead letter, acked in its turn (after earlier messages)."""
         self.metrics.readings.labels("mqtt", "rejected").inc()
-        self.metrics.rejections.labels("internal_error").inc()
-        try:
-            self._publish(
-                self.t_dead, deadletter("internal_error", f"not queued: {exc}", msg.topic, msg.payload)
-            )
-        finally:
-            self._ack(msg)
+        self.metrics.rejections.labels(reason).inc()
+        meta = MessageMeta("mqtt", msg.topic, msg.digest, 0, reason, detail)
+        return Work([], [], [], "mqtt", functools.partial(self._reject_done, msg, meta, msg.device), meta)
 
-    def _ack_only(self, msg: InboundMessage, result: StepResult | None, start: int, stop: int) -> None:
+    def _ack_only(self, msg: ParsedMessage, result: StepResult | None, start: int, stop: int) -> None:
         self._ack(msg)
 
-    def _reject_done(self, msg: InboundMessage, meta: MessageMeta, device: str | None, *_: Any) -> None:
+    def _reject_done(self, msg: ParsedMessage, meta: MessageMeta, device: str | None, *_: Any) -> None:
         try:
             self._dead_letter(meta, msg.payload, device, replayed=False)
         finally:
@@ -289,7 +275,7 @@ class Service:
         self._publish(self.t_dead, deadletter(reason, detail, meta.topic, payload, **extra))
 
     def _mqtt_done(
-        self, msg: InboundMessage, meta: MessageMeta, result: StepResult | None, start: int, stop: int
+        self, msg: ParsedMessage, meta: MessageMeta, result: StepResult | None, start: int, stop: int
     ) -> None:
         """Runs on the output stage once the batch is durable: publish every outcome, then ack the
         message — always: an unacked message would hold one of the broker's in-flight slots for this
@@ -366,30 +352,11 @@ class Service:
         if self.settings.publish_scores:
             self._publish(f"{self.t_scores}/{device}", dumps(rec))
 
-    def _released(self, seq: int) -> None:
-        """A batch's outcomes are handed to paho; they count as released (for the "done" marks and
-        for snapshots) once the broker acknowledged every publish issued up to now: a kill after
-        ``publish()`` but before paho wrote the message would otherwise lose it for good (its
-        redelivered input is only acked, as already applied)."""
-        assert self.mqtt is not None
-        with self._delivery_lock:
-            self._undelivered.append((seq, self.mqtt.issued))
-        self._advance_delivery()
-
-    def _advance_delivery(self) -> None:
-        assert self.mqtt is not None
-        acked, done = self.mqtt.acked, None
-        with self._delivery_lock:
-            while self._undelivered and self._undelivered[0][1] <= acked:
-                done = self._undelivered.popleft()[0]
-        if done is not None:
-            self.engine.mark_released(done)
-
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.mqtt is not None:
             self.mqtt.publish(topic, payload)
 
-    def _ack(self, msg: InboundMessage) -> None:
+    def _ack(self, msg: ParsedMessage) -> None:
         if self.mqtt is not None:
             self.mqtt.ack(msg)
 
