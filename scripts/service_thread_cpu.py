@@ -9,6 +9,7 @@ KEY=VALUE are service settings (e.g. ``max_wait_ms=20``). A measurement tool, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -26,8 +27,9 @@ from service.settings import Settings, load_settings
 from tests.e2e.harness import Broker
 
 
-def thread_cpu() -> dict[str, float]:
-    """utime + stime of every Python thread of this process, in seconds."""
+def thread_cpu(child: int | None = None) -> dict[str, float]:
+    """utime + stime of every Python thread of this process, and of every thread of the intake
+    process ``child`` (named ``intake:<tid>``), in seconds."""
     out = {}
     tick = os.sysconf("SC_CLK_TCK")
     for t in threading.enumerate():
@@ -35,6 +37,10 @@ def thread_cpu() -> dict[str, float]:
         if path.exists():
             fields = path.read_text().rsplit(")", 1)[1].split()
             out[t.name] = (int(fields[11]) + int(fields[12])) / tick
+    for path in Path(f"/proc/{child}/task").glob("*/stat") if child else ():
+        with contextlib.suppress(OSError):
+            fields = path.read_text().rsplit(")", 1)[1].split()
+            out[f"intake:{path.parent.name}"] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -76,11 +82,13 @@ def drain(settings: Settings, n: int) -> tuple[float, dict[str, float], list[tup
     svc.engine.apply = timed  # type: ignore[method-assign]
     started = time.perf_counter()
     svc.start()
-    before = thread_cpu()
+    proc = getattr(svc.mqtt, "_proc", None)
+    child = proc.pid if proc is not None else None
+    before = thread_cpu(child)
     while scored(svc) < n:
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
-    after = thread_cpu()
+    after = thread_cpu(child)
     svc.stop()
     return elapsed, {k: after[k] - before.get(k, 0.0) for k in after}, applies
 

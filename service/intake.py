@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -283,94 +284,123 @@ class IntakeProcess:
 
 # ---------------------------------------------------------------------------------------------- child
 class _Child:
-    """The child's side: paho (through :class:`MqttAdapter`), parsing, and the chunked event pipe."""
+    """The child's side: one thread runs paho's loop (its documented external-loop calls
+    ``loop_read``/``loop_write``/``loop_misc`` over one ``select`` with the command pipe), parses, and
+    sends chunks. One thread, because per message the work is small and a hand-over between
+    threads is not: with paho's own network thread plus a command thread, every ack woke the network
+    thread through its socket pair and the threads took turns for the GIL (~150 µs per message
+    measured, against ~100 µs for a bare paho consumer doing the same)."""
 
-    def __init__(self, settings: Settings, events: Connection) -> None:
+    def __init__(self, settings: Settings, commands: Connection, events: Connection) -> None:
+        self.commands = commands
         self.events = events
         self.parse = Parser(settings)
         self._messages: list[ParsedMessage] = []
         self._other: list[tuple[Any, ...]] = []
         self._first_at = 0.0
-        self._cond = threading.Condition()
-        self._closed = False
         self.adapter = MqttAdapter(settings, self._on_message, self._on_change)
-        self.adapter.on_delivered = lambda seq: self._event(("d", seq))
+        self.adapter.on_delivered = lambda seq: self._other.append(("d", seq))
+        self._flush_deadline: float | None = None  # a flush asked for, not answered yet
+        self._stop_deadline: float | None = None
 
-    def _on_message(self, msg: InboundMessage) -> None:  # paho's thread: never raises
-        parsed = self.parse(msg)
-        with self._cond:
-            if not self._messages:
-                self._first_at = time.monotonic()
-                self._cond.notify_all()
-            self._messages.append(parsed)
-            if len(self._messages) == CHUNK:
-                self._cond.notify_all()
+    def _on_message(self, msg: InboundMessage) -> None:  # inside loop_read: never raises
+        if not self._messages:
+            self._first_at = time.monotonic()
+        self._messages.append(self.parse(msg))
 
     def _on_change(self, connected: bool, reconnect: bool) -> None:
-        self._event(("c", connected, reconnect))
+        self._other.append(("c", connected, reconnect))
 
-    def _event(self, ev: tuple[Any, ...]) -> None:
-        with self._cond:
-            self._other.append(ev)
-            self._cond.notify_all()
+    def _send(self, now: float) -> None:
+        """Events at once; messages once ``CHUNK`` are buffered or the first waited ``FLUSH_S``."""
+        due = self._messages and (len(self._messages) >= CHUNK or now - self._first_at >= FLUSH_S)
+        if not (due or self._other):
+            return
+        messages: list[ParsedMessage] = []
+        if due:
+            messages, self._messages = self._messages, []
+        other, self._other = self._other, []
+        try:
+            self.events.send((messages, other))
+        except OSError:
+            os._exit(0)  # the parent is gone (see the module docstring)
 
-    def flusher(self) -> None:
-        """Sends chunks and events; reports a dead network thread."""
-        reported = False
-        while True:
-            with self._cond:
-                while not self._messages and not self._other and not self._closed:
-                    self._cond.wait(1.0)
-                    if not reported and self.adapter.connected and not self.adapter.alive:
-                        reported = True
-                        self._other.append(("e", "the MQTT network thread died"))
-                while (
-                    not self._other
-                    and not self._closed
-                    and len(self._messages) < CHUNK
-                    and (left := self._first_at + FLUSH_S - time.monotonic()) > 0
-                ):
-                    self._cond.wait(left)
-                messages, self._messages = self._messages, []
-                other, self._other = self._other, []
-                closed = self._closed
-            if messages or other:
-                try:
-                    self.events.send((messages, other))
-                except OSError:
-                    os._exit(0)  # the parent is gone
-            if closed:
-                return
-
-    def run(self, commands: Connection) -> None:
-        flusher = threading.Thread(target=self.flusher, name="sensorwatch-intake-flush", daemon=True)
-        flusher.start()
-        self.adapter.start()
+    def _execute(self, batch: list[tuple[Any, ...]]) -> None:
         a = self.adapter
+        for cmd in batch:
+            op = cmd[0]
+            if op == "a":
+                a.client.ack(cmd[1], cmd[2])
+            elif op == "p":
+                a.publish(cmd[1], cmd[2], cmd[3], cmd[4])
+            elif op == "k":
+                a.mark(cmd[1])
+            elif op == "f":
+                self._flush_deadline = time.monotonic() + cmd[1]
+            elif op == "s":
+                self._stop_deadline = time.monotonic() + 5.0
+                if a.connected:
+                    a.publish_offline()
+
+    def run(self) -> None:
+        a, client = self.adapter, self.adapter.client
+        a.start(threaded=False)
+        cmd_fd = self.commands.fileno()
+        next_connect, backoff, next_misc = 0.0, 1.0, 0.0
         while True:
+            now = time.monotonic()
+            sock = client.socket()
+            if sock is None and self._stop_deadline is None and now >= next_connect:
+                try:
+                    client.reconnect()  # blocking TCP connect; the CONNECT packet is queued
+                    backoff = 1.0
+                except OSError as exc:
+                    log.warning(
+                        "MQTT connect to %s failed: %s; retrying in %.0f s", a.settings.mqtt_url, exc, backoff
+                    )
+                    next_connect, backoff = now + backoff, min(backoff * 2, 30.0)
+                sock = client.socket()
+            timeout = 0.5 if sock is not None else max(0.0, min(0.5, next_connect - now))
+            if self._messages:
+                timeout = max(0.0, min(timeout, self._first_at + FLUSH_S - now))
+            if sock is not None and getattr(sock, "pending", lambda: 0)() > 0:
+                timeout = 0.0  # TLS: bytes already decrypted wait in the socket object
+            rlist: list[Any] = [cmd_fd] if sock is None else [cmd_fd, sock]
+            wlist: list[Any] = [sock] if sock is not None and client.want_write() else []
             try:
-                batch = commands.recv()
-            except (EOFError, OSError):
-                # The parent died (crash, kill -9): leave without a clean disconnect, so the broker
-                # publishes the will and keeps every unacked message for the next session.
-                os._exit(0)
-            for cmd in batch:
-                op = cmd[0]
-                if op == "a":
-                    a.client.ack(cmd[1], cmd[2])
-                elif op == "p":
-                    a.publish(cmd[1], cmd[2], cmd[3], cmd[4])
-                elif op == "k":
-                    a.mark(cmd[1])
-                elif op == "f":
-                    self._event(("f", a.flush(cmd[1])))
-                elif op == "s":
-                    a.stop()
-                    with self._cond:
-                        self._closed = True
-                        self._cond.notify_all()
-                    flusher.join(5)
-                    return
+                readable, _, _ = select.select(rlist, wlist, [], timeout)
+            except (OSError, ValueError):
+                readable = []  # the socket closed under us: paho notices on the next call
+            if sock is not None and (sock in readable or timeout == 0.0):
+                client.loop_read()
+            if cmd_fd in readable:
+                try:
+                    while self.commands.poll():
+                        self._execute(self.commands.recv())
+                except (EOFError, OSError):
+                    # The parent died (crash, kill -9): leave without a clean disconnect, so the
+                    # broker publishes the will and keeps every unacked message for the next session.
+                    os._exit(0)
+            if client.socket() is not None and client.want_write():
+                client.loop_write()
+            now = time.monotonic()
+            if client.socket() is not None and now >= next_misc:
+                client.loop_misc()  # keepalive
+                next_misc = now + 0.5
+            if self._flush_deadline is not None and (
+                a.all_acked or now >= self._flush_deadline or not a.connected
+            ):
+                self._other.append(("f", a.all_acked))
+                self._flush_deadline = None
+            if self._stop_deadline is not None and (
+                a.all_acked or now >= self._stop_deadline or not a.connected
+            ):
+                client.disconnect()  # queues DISCONNECT and closes after writing it
+                if client.socket() is not None:
+                    client.loop_write()
+                self._send(float("inf"))
+                return
+            self._send(now)
 
 
 def main(argv: list[str]) -> int:
@@ -383,7 +413,7 @@ def main(argv: list[str]) -> int:
     except (EOFError, OSError):
         return 0
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[intake]: %(message)s")
-    _Child(settings, events).run(commands)
+    _Child(settings, commands, events).run()
     return 0
 
 

@@ -111,8 +111,9 @@ class MqttAdapter:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def start(self) -> None:
-        props = None
+    def start(self, threaded: bool = True) -> None:
+        """Set the connection up; with ``threaded`` paho's own network thread runs it (else the
+        caller runs the loop: :class:`service.intake._Child`)."""
         if self.settings.mqtt_protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.settings.mqtt_session_expiry_s
@@ -126,18 +127,25 @@ class MqttAdapter:
             )
         else:
             self.client.connect_async(self._host, self._port, keepalive=self.settings.mqtt_keepalive_s)
-        self.client.loop_start()
+        if threaded:
+            self.client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def publish_offline(self) -> Any:
+        """Publish the retained ``offline`` status ahead of a clean disconnect (which suppresses the
+        will); its PUBACK is counted like any other."""
+        self._stopping = True
+        with self._outstanding_cond:
+            self.issued += 1
+        return self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish ``offline`` (retained), flush, disconnect cleanly (the session is kept)."""
         self._stopping = True
         if self.connected:
-            with self._outstanding_cond:
-                self.issued += 1  # its PUBACK goes through on_publish like any other
-            info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            info = self.publish_offline()
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
@@ -181,6 +189,10 @@ class MqttAdapter:
         """Ack a received message (anything with ``mid`` and ``qos``)."""
         if msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)
+
+    @property
+    def all_acked(self) -> bool:
+        return self.acked >= self.issued
 
     def flush(self, timeout: float) -> bool:
         """Wait until the broker acknowledged everything published so far (QoS1), while connected."""

@@ -5,7 +5,8 @@
   never unbounded memory); REST callers get a 503 after a short wait. One worker thread takes items
   FIFO and scores them in one :meth:`Engine.apply` (a device's readings keep their order: FIFO across
   batches, timestamp order within one). A batch goes once ``min_batch`` readings are queued or the
-  first has waited ``max_wait_ms``; it takes everything queued, up to ``max_batch``. Acks flow from the
+  first has waited ``max_wait_ms`` (counted from the end of the previous step when that is later);
+  it takes everything queued, up to ``max_batch``. Acks flow from the
   output stage meanwhile, so the broker keeps sending while a batch fills.
 * :class:`OutputStage` releases each batch's outcomes — published results, MQTT acks, REST answers —
   in the order the batches were applied, each only once the engine says its log record is durable.
@@ -118,6 +119,7 @@ class MicroBatcher(_Worker):
         self._queued = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._stepped_at = 0.0
         super().__init__("sensorwatch-batcher")
 
     @property
@@ -156,7 +158,11 @@ class MicroBatcher(_Worker):
                 if self._closed:
                     return None
                 self._cond.wait(0.5)
-            first_at = self._items[0].enqueued
+            # The wait runs from the first reading's arrival or the end of the previous step,
+            # whichever is later: a step has a fixed cost of several ms, so on a trickle a scorer
+            # stepping back to back would spend a core on tiny batches (CPU the MQTT intake and the
+            # broker need), while under load min_batch is reached first and nothing waits.
+            first_at = max(self._items[0].enqueued, self._stepped_at)
             while not self._closed and self._queued < self.min_batch:
                 left = first_at + self.max_wait - time.monotonic()
                 if left <= 0:
@@ -180,6 +186,7 @@ class MicroBatcher(_Worker):
                 return
             try:
                 self._score(batch)
+                self._stepped_at = time.monotonic()
             except Exception:  # never let the worker die: every item must still get an outcome
                 log.exception("scoring a batch failed")
                 self.outputs.put(self.engine.applied_seq, lambda b=batch: _fail(b))  # type: ignore[misc]
