@@ -152,10 +152,13 @@ def test_200_devices_each_reading_scored_once_in_order_and_spikes_flagged(
 
 
 # -------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("intake", ["process", "thread"])
 def test_bad_input_is_dead_lettered_counted_and_good_readings_still_scored(
-    names: Names, tmp_path: Path, shared_broker: str
+    intake: str, names: Names, tmp_path: Path, shared_broker: str
 ) -> None:
-    settings = service_settings(names, tmp_path, shared_broker, publish_scores=True, max_payload_bytes=1024)
+    settings = service_settings(
+        names, tmp_path, shared_broker, publish_scores=True, max_payload_bytes=1024, mqtt_intake=intake
+    )
     a, b = names.topic("good-a"), names.topic("good-b")
     va, vb = series(40, seed=1), series(40, seed=2)
     x = T0 + 10_000 * DT  # timestamps of bad readings: far ahead (they must not move the state)
