@@ -237,12 +237,13 @@ class Service:
             meta = MessageMeta("mqtt", msg.topic, digest, 0)
             return Work([], [], [], "mqtt", functools.partial(self._ack_only, msg), meta)
         self._seen.add(digest)
-        if msg.reason is not None:
-            return self._rejected(msg, msg.reason, msg.detail)
+        device = msg.device
+        if msg.reason is not None or device is None:  # parsed readings always have a device
+            return self._rejected(msg, msg.reason or "internal_error", msg.detail)
         n = len(msg.ts)
         meta = MessageMeta("mqtt", msg.topic, digest, n)
         return Work(
-            [msg.device] * n, msg.ts, msg.values, "mqtt", functools.partial(self._mqtt_done, msg, meta), meta
+            [device] * n, msg.ts, msg.values, "mqtt", functools.partial(self._mqtt_done, msg, meta), meta
         )
 
     def _is_redelivery(self, msg: ParsedMessage, digest: bytes) -> bool:

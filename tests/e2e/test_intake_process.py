@@ -87,7 +87,8 @@ def test_a_killed_intake_process_makes_the_service_unready(
     with running_service(settings) as client:
         svc = client.app.state.service  # type: ignore[attr-defined]
         proc = svc.mqtt._proc
-        assert proc is not None and alive(proc.pid)
+        assert proc is not None
+        assert alive(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         r = wait_until(lambda: (r := client.get("/readyz")).status_code == 503 and r, 10, "/readyz 503")
         assert r.json()["failure"] == "the MQTT intake process exited"
