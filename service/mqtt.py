@@ -3,10 +3,11 @@
 The rest of the service sees :class:`InboundMessage` (a named tuple) and the calls ``start``,
 ``publish``, ``ack``, ``mark`` (delivery tracking), ``flush`` and ``stop``. With ``start()`` paho runs
 its network loop in its own thread and reconnects by itself (backoff 1 s → 30 s); the intake process
-(:mod:`service.intake`) runs the loop itself instead (``start(threaded=False)``). On every (re)connect the adapter subscribes again and republishes the
-retained ``online`` status. The session is persistent (stable client id, ``clean_start=False``, a
-session expiry), messages are acked manually — only once every reading in them has an outcome — so
-QoS1 readings published while the service is away or restarting are delivered afterwards.
+(:mod:`service.intake`) runs the loop itself instead (``start(threaded=False)``). On every
+(re)connect the adapter subscribes again and republishes the retained ``online`` status. The session
+is persistent (stable client id, ``clean_start=False``, a session expiry), messages are acked
+manually — only once every reading in them has an outcome — so QoS1 readings published while the
+service is away or restarting are delivered afterwards.
 """
 
 from __future__ import annotations
