@@ -160,7 +160,9 @@ class IntakeProcess:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        """Connected to the broker through a live child (a dead child is never connected, even
+        before its end of file has reached the receiver thread)."""
+        return self._connected.is_set() and self.alive
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)

@@ -93,6 +93,8 @@ def test_a_killed_intake_process_makes_the_service_unready(
         r = wait_until(lambda: (r := client.get("/readyz")).status_code == 503 and r, 10, "/readyz 503")
         assert r.json()["failure"] == "the MQTT intake process exited"
         assert r.json()["mqtt_connected"] is False
-        assert metric(client.get("/metrics").text, "sensorwatch_mqtt_connected") == 0
+        wait_until(
+            lambda: metric(client.get("/metrics").text, "sensorwatch_mqtt_connected") == 0, 10, "gauge 0"
+        )
         started = time.monotonic()
     assert time.monotonic() - started < 30  # the stop does not hang on the dead process
