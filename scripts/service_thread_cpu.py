@@ -9,8 +9,6 @@ KEY=VALUE are service settings (e.g. ``max_wait_ms=20``). A measurement tool, no
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import tempfile
 import threading
@@ -22,6 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from service.bench_e2e import stat_cpu_s
 from service.runtime import Service
 from service.settings import Settings, load_settings
 from tests.e2e.harness import Broker
@@ -30,17 +29,9 @@ from tests.e2e.harness import Broker
 def thread_cpu(child: int | None = None) -> dict[str, float]:
     """utime + stime of every Python thread of this process, and of every thread of the intake
     process ``child`` (named ``intake:<tid>``), in seconds."""
-    out = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for t in threading.enumerate():
-        path = Path(f"/proc/self/task/{t.native_id}/stat")
-        if path.exists():
-            fields = path.read_text().rsplit(")", 1)[1].split()
-            out[t.name] = (int(fields[11]) + int(fields[12])) / tick
+    out = {t.name: stat_cpu_s(Path(f"/proc/self/task/{t.native_id}/stat")) for t in threading.enumerate()}
     for path in Path(f"/proc/{child}/task").glob("*/stat") if child else ():
-        with contextlib.suppress(OSError):
-            fields = path.read_text().rsplit(")", 1)[1].split()
-            out[f"intake:{path.parent.name}"] = (int(fields[11]) + int(fields[12])) / tick
+        out[f"intake:{path.parent.name}"] = stat_cpu_s(path)
     return out
 
 

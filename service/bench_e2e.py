@@ -424,24 +424,32 @@ class ServiceProcess:
         """utime + stime of the process and of its running children (the MQTT intake process),
         every thread, in seconds."""
         assert self.proc is not None
-        return sum(_proc_cpu_s(pid) for pid in _process_tree(self.proc.pid))
+        return sum(stat_cpu_s(Path(f"/proc/{pid}/stat")) for pid in process_tree(self.proc.pid))
 
 
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (from /proc/PID/task/TID/children)."""
+def child_pids(pid: int) -> list[int]:
+    """The running children of ``pid`` (from /proc/PID/task/TID/children)."""
+    out: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in children.read_text().split()]
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        for children in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in children.read_text().split()]
+        todo += child_pids(p)
     return out
 
 
-def _proc_cpu_s(pid: int) -> float:
+def stat_cpu_s(stat_path: Path) -> float:
+    """utime + stime in seconds from a /proc/PID/stat or /proc/PID/task/TID/stat file (0: gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = stat_path.read_text()
     except OSError:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 is fields[0]

@@ -131,13 +131,14 @@ class IntakeProcess:
         self._outbox: list[tuple[Any, ...]] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._flushed: list[bool] = []
+        self._flushed: bool | None = None  # the child's answer to the last flush
         self._flush_cond = threading.Condition()
         self.died: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._cmd: Connection | None = None
         self._events: Connection | None = None
-        self._threads: list[threading.Thread] = []
+        self._rx = threading.Thread(target=self._receive, name="sensorwatch-intake-rx", daemon=True)
+        self._tx = threading.Thread(target=self._send, name="sensorwatch-intake-tx", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -153,10 +154,8 @@ class IntakeProcess:
         self._cmd = Connection(cmd_w, readable=False)
         self._events = Connection(evt_r, writable=False)
         self._cmd.send((self.settings, logging.getLogger().getEffectiveLevel()))
-        for target, name in ((self._receive, "sensorwatch-intake-rx"), (self._send, "sensorwatch-intake-tx")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._rx.start()
+        self._tx.start()
 
     @property
     def connected(self) -> bool:
@@ -177,9 +176,8 @@ class IntakeProcess:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for t in self._threads:
-            if t.name.endswith("tx"):
-                t.join(timeout)
+        if self._tx.is_alive():
+            self._tx.join(timeout)  # every command written before the child is waited for
         if self._proc is not None:
             try:
                 self._proc.wait(timeout)
@@ -203,16 +201,16 @@ class IntakeProcess:
     def flush(self, timeout: float) -> bool:
         """Wait until the broker acknowledged everything published so far (False: not in time)."""
         with self._flush_cond:
-            self._flushed.clear()
+            self._flushed = None
         self._command(("f", timeout), urgent=True)
         deadline = time.monotonic() + timeout + 2.0
         with self._flush_cond:
-            while not self._flushed:
+            while self._flushed is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.alive:
                     return False
                 self._flush_cond.wait(min(left, 0.2))
-            return self._flushed[0]
+            return self._flushed
 
     def _command(self, cmd: tuple[Any, ...], urgent: bool = False) -> None:
         with self._cond:
@@ -277,7 +275,7 @@ class IntakeProcess:
             self._on_change(ev[1], ev[2])
         elif kind == "f":
             with self._flush_cond:
-                self._flushed.append(ev[1])
+                self._flushed = ev[1]
                 self._flush_cond.notify_all()
         elif kind == "e":
             self.died = ev[1]

@@ -18,18 +18,12 @@ import signal
 import time
 from pathlib import Path
 
+from service.bench_e2e import child_pids
 from tests.e2e.harness import Broker, Collector, Names, Publisher, running_service, service_settings
 from tests.e2e.procs import ServiceProcess
 from tests.support import metric, wait_until
 
 T0 = 1_767_225_600.0
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for f in Path(f"/proc/{pid}/task").glob("*/children"):
-        out += [int(c) for c in f.read_text().split()]
-    return out
 
 
 def alive(pid: int) -> bool:
@@ -59,7 +53,7 @@ def test_intake_process_exits_with_the_killed_service_and_the_will_is_published(
             svc.start()
             svc.wait_ready(60)
             assert svc.pid is not None
-            intake = children(svc.pid)
+            intake = child_pids(svc.pid)
             assert len(intake) == 1, f"one intake process expected, found {intake}"
             assert "service.intake" in Path(f"/proc/{intake[0]}/cmdline").read_text()
             wait_until(lambda: collector.statuses()[-1:] == ["online"], 10, "online status")
