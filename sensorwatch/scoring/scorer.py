@@ -1,4 +1,4 @@
-"""StreamScorer: many devices' readings → one batched forecaster step → calibrated results.
+"""StreamScorer: many devices' readings → one batched forecaster step per wave → calibrated results.
 
 For each call of :meth:`StreamScorer.step`:
 
@@ -6,11 +6,15 @@ For each call of :meth:`StreamScorer.step`:
    missing, timestamps not after the device's last one (``out_of_order``) or repeating one
    (``duplicate_timestamp``). Rejected readings never touch state.
 2. **Order**: a device's accepted readings are applied in timestamp order, in *waves*: wave k holds
-   the k-th reading of every device in the batch, so one wave touches each device at most once and
-   is a single batched tensor step. A batch of distinct devices is one wave.
-3. **Per wave**: gather the devices' rows → residuals against the prediction stored at their last
-   reading → raw score, calibration → normalise + Δt features → one forecaster step → store the
-   prediction for the next reading → scatter rows back.
+   the k-th reading of every device in the batch, so one wave touches each device at most once.
+3. **Gather** the batch's devices' state rows once (one copy per packed tensor, see
+   :mod:`sensorwatch.scoring.state`).
+4. **Per wave**: one fused compiled call scores every reading through the components
+   (:mod:`sensorwatch.scoring.kernel`) and builds the forecaster inputs; one batched forecaster
+   step; one compiled call keeps the forecasts for the next reading.
+5. **Scatter** the rows back — only when every wave succeeded. The memory rings are written in
+   place through an undo log, rolled back when a wave fails: a failed batch leaves every device as
+   it was, and the caller's error says nothing was scored.
 
 The result is columnar, one entry per input reading in input order (:class:`StepResult`).
 
@@ -37,34 +41,19 @@ import numpy as np
 import torch
 
 from sensorwatch.model.forecaster import BUILTIN_VERSION, Forecaster, builtin_model
-from sensorwatch.scoring import calibration as cal
-from sensorwatch.scoring import features as feat
+from sensorwatch.scoring import components, kernel
 from sensorwatch.scoring.batch import Reading, ReadingBatch, RejectReason, StepResult
+from sensorwatch.scoring.components.threshold import z_grid
 from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.state.store import ColumnSpec, DeviceStateStore, StateCopy
 
 F64 = torch.float64
-#: Version of the meaning of the state columns: a snapshot of another version is refused (and the
-#: service moves it aside). 2: residual RMS in raw units, seasonal check.
-STATE_VERSION = 2
-
-
-def core_columns(model: Forecaster) -> dict[str, ColumnSpec]:
-    c = model.config.channels
-    cols = {
-        "last_ts": ColumnSpec((), F64, -math.inf),
-        "count": ColumnSpec((), F64),
-        "since_reset": ColumnSpec((), F64),
-        "has_pred": ColumnSpec((), torch.bool),
-        "last_likelihood": ColumnSpec((), F64, math.nan),
-        "pred_mean": ColumnSpec((c,), F64),
-        # The model's predicted scale in normalised units; times the normaliser's std (unchanged
-        # since the prediction) it is the predicted scale in raw units.
-        "pred_rel": ColumnSpec((c,), F64, 1.0),
-    }
-    for name, shape in model.state_shapes.items():
-        cols[name] = ColumnSpec(shape, torch.float32)
-    return cols
+#: Version of the meaning of the state: a snapshot of another version is refused (and the service
+#: moves it aside). 2: residual RMS in raw units, seasonal check. 3: components' fields packed into
+#: a few tensors (``state``, ``memory32``, ``memory64``, ``hidden``) with the layout in the identity.
+STATE_VERSION = 3
+#: The packed stores, in the store's column order.
+PACKED = ("state", "memory32", "memory64")
 
 
 class StreamScorer:
@@ -84,14 +73,27 @@ class StreamScorer:
         self.model = model.to(self.device).eval()
         self.model_version = model_version
         self.counters: Counter[str] = Counter()
+        self._last_expiry = -math.inf
+        self._build(self.model, clock)
+
+    def _build(self, model: Forecaster, clock: Callable[[], float]) -> None:
         cfg = self.config
-        c = model.config.channels
-        columns = {**core_columns(model), **feat.feature_columns(c), **cal.calibration_columns(c, cfg)}
-        if model.config.seasonal:
-            columns.update(feat.seasonal_columns(c, model.config.season_bin_s))
-            columns.update(feat.level_free_columns(c))
-        in_place = cal.IN_PLACE_COLUMNS | feat.SEASONAL_COLUMNS
-        self._gathered = [k for k in columns if k not in in_place]
+        self.setup = components.Setup(cfg, model.config)
+        self.layout = components.layout(self.setup)
+        self._params = kernel.params(self.setup, model.config.input_size)
+        self._offsets = kernel.build_offsets(self.setup, self.layout)
+        self._zs = z_grid(cfg)
+        self._writes = kernel.writes_per_reading(self.setup)
+        dtypes = {"state": F64, "memory32": torch.float32, "memory64": F64}
+        columns = {
+            name: ColumnSpec((max(1, self.layout.widths[name]),), dtypes[name],
+                             template=np.resize(self.layout.template(name), max(1, self.layout.widths[name])))
+            for name in PACKED
+        }
+        states = model.state_shapes
+        first = next(iter(states.values()))
+        columns["hidden"] = ColumnSpec((len(states), *first), torch.float32)
+        self._state_names = tuple(states)
         self.store = DeviceStateStore(
             columns,
             max_devices=cfg.max_devices,
@@ -101,11 +103,10 @@ class StreamScorer:
                 "model": model.config.identity(),
                 "calibrator": cfg.calibrator,
                 "state_version": STATE_VERSION,
+                "layout": self.layout.describe(),
             },
             clock=clock,
-            device=self.device,
         )
-        self._last_expiry = -math.inf
 
     @classmethod
     def builtin(cls, channels: int = 1, config: ScorerConfig | None = None, **kw: Any) -> StreamScorer:
@@ -131,10 +132,7 @@ class StreamScorer:
         self._maybe_expire()
         plan = self._plan(batch, result)
         if plan is not None:
-            dev_rows, inv, waves = plan
-            with torch.inference_mode():
-                for sel in waves:
-                    self._wave(batch, result, sel, dev_rows[inv[sel]])
+            self._run(batch, result, *plan)
         self.counters.update(r for r in result.reason[~result.accepted].tolist() if r is not None)
         self.counters["scored"] += int(result.accepted.sum())
         self.counters["anomalies"] += int(result.is_anomaly.sum())
@@ -150,13 +148,13 @@ class StreamScorer:
         row = self.store.row_of(device_id)
         if row is None:
             return None
-        col = self.store.columns
-        lik = float(col["last_likelihood"][row])
-        since = int(col["since_reset"][row])
+        st, o = self.store.columns["state"][row], self._offsets.core
+        lik = float(st[o.last_likelihood])
+        since = int(st[o.since_reset])
         return {
             "device_id": device_id,
-            "count": int(col["count"][row]),
-            "last_ts": float(col["last_ts"][row]),
+            "count": int(st[o.count]),
+            "last_ts": float(st[o.last_ts]),
             "warming_up": since <= self.config.warmup,
             "readings_since_reset": since,
             "last_likelihood": lik if math.isfinite(lik) else None,
@@ -171,11 +169,23 @@ class StreamScorer:
         other = StreamScorer(self.model, self.config, model_version=self.model_version, device=self.device)
         known = [d for d in dict.fromkeys(device_ids) if d in self.store]
         if known:
-            src = torch.from_numpy(self.store.lookup(known)).to(self.device)
-            dst = torch.from_numpy(other.store.rows_for(known)).to(self.device)
+            src = torch.from_numpy(self.store.lookup(known))
+            dst = torch.from_numpy(other.store.rows_for(known))
             for name, t in self.store.columns.items():
                 other.store.columns[name][dst] = t[src]
         return other
+
+    def state_of(self, device_id: str) -> dict[str, np.ndarray] | None:
+        """A copy of one device's state by field name (``normaliser.mean``, ``seasonal_check.level``,
+        …, and the forecaster's ``hidden.h``/``hidden.c``); None if the device has no state."""
+        row = self.store.row_of(device_id)
+        if row is None:
+            return None
+        cols = self.store.columns
+        out = self.layout.unpack({name: cols[name][row].numpy() for name in PACKED})
+        for k, name in enumerate(self._state_names):
+            out[f"hidden.{name}"] = cols["hidden"][row, k].numpy().copy()
+        return out
 
     def swap_model(self, model: Forecaster, model_version: str) -> bool:
         """Serve ``model`` from the next step on. Device state is kept when the architecture matches
@@ -184,12 +194,9 @@ class StreamScorer:
         if model.config.identity() == self.model.config.identity():
             self.model, self.model_version = model, model_version
             return True
-        fresh = StreamScorer(
-            model, self.config, model_version=model_version, device=self.device, clock=self.store.clock
-        )
         evictions = self.store.evictions
-        self.model, self.model_version, self.store = fresh.model, model_version, fresh.store
-        self._gathered = fresh._gathered
+        self.model, self.model_version = model, model_version
+        self._build(model, self.store.clock)
         self.store.evictions = evictions
         return False
 
@@ -239,7 +246,7 @@ class StreamScorer:
         last_ts = np.full(len(distinct), -np.inf)
         if (known >= 0).any():
             kr = known[known >= 0]
-            last_ts[known >= 0] = self.store.columns["last_ts"][torch.from_numpy(kr)].cpu().numpy()
+            last_ts[known >= 0] = self.store.columns["state"].numpy()[kr, self._offsets.core.last_ts]
 
         rank = np.zeros(n, dtype=np.int64)
         if len(distinct) == n:
@@ -306,104 +313,89 @@ class StreamScorer:
             self._last_expiry = now
             self.store.expire(now)
 
-    # ------------------------------------------------------------------ one wave
-    def _wave(self, batch: ReadingBatch, result: StepResult, sel: np.ndarray, rows_np: np.ndarray) -> None:
-        cfg, dev = self.config, self.device
-        rows = torch.from_numpy(rows_np).to(dev)
-        g = {k: self.store.columns[k].index_select(0, rows) for k in self._gathered}
-        x = torch.from_numpy(batch.values[sel]).to(dev)
-        ts = torch.from_numpy(batch.ts[sel]).to(dev)
-
-        observed = ~torch.isnan(x)
-        fresh = g["count"] == 0
-        dt = torch.where(fresh, torch.full_like(ts, math.nan), ts - g["last_ts"])
-        gap = ~fresh & (dt > cfg.max_gap_s) if cfg.max_gap_s is not None else torch.zeros_like(fresh)
-        has_pred = g["has_pred"] & ~gap
-        scored_ch = observed & has_pred[:, None]
-        since = torch.where(gap, torch.ones_like(g["since_reset"]), g["since_reset"] + 1)
-        warming = since <= cfg.warmup
-        # Residual scale is learnt only after warm-up: the normaliser is still settling before.
-        e_rel = (x - g["pred_mean"]) / g["pred_rel"]
-        norm_scale = feat.floored_std(torch.sqrt(g["norm_var"]), g["norm_mean"], cfg)
-        z, upd_z = cal.recalibrate(
-            g, e_rel / norm_scale, e_rel, scored_ch, scored_ch & ~warming[:, None], cfg
+    # ------------------------------------------------------------------ waves
+    def _run(
+        self,
+        batch: ReadingBatch,
+        result: StepResult,
+        dev_rows: np.ndarray,
+        inv: np.ndarray,
+        waves: list[np.ndarray],
+    ) -> None:
+        """Gather the devices' rows, run the waves, scatter back (or roll the memory back)."""
+        cols = self.store.columns
+        used = np.flatnonzero(dev_rows >= 0)
+        srows = dev_rows[used]
+        local = np.full(len(dev_rows), -1, dtype=np.int64)
+        local[used] = np.arange(used.size)
+        state = cols["state"].numpy()
+        mem32, mem64 = cols["memory32"].numpy(), cols["memory64"].numpy()
+        st = state.take(srows, axis=0)
+        hidden = cols["hidden"][torch.from_numpy(srows)]
+        undo = kernel.undo_log(self._writes * int(result.accepted.sum()))
+        values = np.ascontiguousarray(batch.values, dtype=np.float64)
+        ts = np.ascontiguousarray(batch.ts, dtype=np.float64)
+        out = kernel.Outputs(
+            result.predicted, result.z, result.raw_score, result.smoothed_score, result.threshold,
+            result.likelihood, result.is_anomaly, result.attribution, result.warming_up,
         )
-        raw, attribution = cal.raw_score(z, scored_ch, cfg.score_c)
-        sx_raw = sx_scored = None
-        upd_sx: dict[str, torch.Tensor] = {}
-        if cfg.seasonal_check:
-            z_sx, sx_ch, upd_sx = cal.seasonal_residual(self.store.columns, rows, g, ts, x, observed, cfg)
-            sx_raw, sx_attr = cal.raw_score(z_sx, sx_ch, cfg.score_c)
-            sx_scored = sx_ch.any(1)
-        co = cal.calibrate(g, raw, x, observed, has_pred, ~warming, cfg, sx_raw, sx_scored)
-        if cfg.seasonal_check:
-            attribution = torch.where(co.seasonal_won[:, None], sx_attr, attribution)
+        try:
+            with torch.inference_mode():
+                for sel in waves:
+                    loc = local[inv[sel]]
+                    gaps = self._wave(st, loc, srows[loc], sel, values, ts, mem32, mem64, hidden, out, undo)
+                    result.gap_reset[sel] = gaps
+        except BaseException:
+            kernel.rollback(mem32, mem64, undo)
+            raise
+        state[srows] = st
+        cols["hidden"][torch.from_numpy(srows)] = hidden
+        idx = np.concatenate(waves) if len(waves) > 1 else waves[0]
+        result.imputed[idx] = np.isnan(values[idx])
 
-        # Impute missing channels with the prediction (or the running mean before the first one).
-        x_filled = torch.where(observed, x, torch.where(has_pred[:, None], g["pred_mean"], g["norm_mean"]))
-        x_norm, centre, scale, upd = feat.normalise(g, x_filled, observed, cfg)
-        dt_feat, upd_dt = feat.delta_t_feature(g, dt, ~gap, cfg)
-        seasonal: torch.Tensor | None = None
-        upd_step: dict[str, torch.Tensor] = {}
-        if self.model.config.seasonal:
-            # After a gap reset the step is unknown (0), as for a first reading.
-            prev = {**upd_dt, "last_x": torch.where(gap[:, None], math.nan, g["last_x"])}
-            seasonal, upd_step = feat.seasonal_inputs(
-                self.store.columns,
-                rows,
-                prev,
-                ts,
-                x,
-                x_filled,
-                observed,
-                scale,
-                self.model.config.season_bin_s,
-            )
-        state = {k: torch.where(gap[:, None, None], 0.0, g[k]) for k in self.model.state_shapes}
-        mean_n, scale_n, new_state = self.model.step(
-            feat.assemble(x_norm, observed, dt_feat, seasonal), state
-        )
-
-        new = {
-            **co.rows,
-            **upd_z,
-            **upd_sx,
-            **upd,
-            **upd_dt,
-            **upd_step,
-            **new_state,
-            "last_ts": ts,
-            "count": g["count"] + 1,
-            "since_reset": since,
-            "last_likelihood": torch.where(has_pred, co.likelihood, g["last_likelihood"]),
-            "has_pred": torch.ones_like(has_pred),
-            "pred_mean": mean_n.to(F64) * scale + centre,
-            "pred_rel": scale_n.to(F64),
-        }
-        for k in self._gathered:
-            self.store.columns[k].index_copy_(0, rows, new[k].to(self.store.columns[k].dtype))
-        if cfg.calibrator == "threshold" and bool(has_pred.any()):
-            cal.update_threshold_window(
-                self.store.columns["win"],
-                self.store.columns["eps"],
-                rows[has_pred],
-                co.smoothed[has_pred],
-                co.rows["cal_n"][has_pred],
-                cfg,
-            )
-
-        none = ~has_pred
-        result.predicted[sel] = torch.where(none[:, None], math.nan, g["pred_mean"]).cpu().numpy()
-        result.z[sel] = torch.where(scored_ch, z, math.nan).cpu().numpy()
-        result.raw_score[sel] = torch.where(none, 0.0, raw).cpu().numpy()
-        result.smoothed_score[sel] = co.smoothed.cpu().numpy()
-        result.threshold[sel] = co.threshold.cpu().numpy()
-        result.likelihood[sel] = co.likelihood.cpu().numpy()
-        result.is_anomaly[sel] = co.decision.cpu().numpy()
-        result.attribution[sel] = attribution.cpu().numpy()
-        result.warming_up[sel] = warming.cpu().numpy()
-        result.gap_reset[sel] = gap.cpu().numpy()
-        result.imputed[sel] = (~observed).cpu().numpy()
+    def _wave(
+        self,
+        st: np.ndarray,
+        loc: np.ndarray,
+        srow: np.ndarray,
+        sel: np.ndarray,
+        values: np.ndarray,
+        ts: np.ndarray,
+        mem32: np.ndarray,
+        mem64: np.ndarray,
+        hidden: torch.Tensor,
+        out: kernel.Outputs,
+        undo: tuple[np.ndarray, ...],
+    ) -> np.ndarray:
+        n, c = sel.size, self._params.channels
+        feats = np.empty((n, self._params.features), dtype=np.float32)
+        centre, scale = np.empty((n, c)), np.empty((n, c))
+        gaps = np.empty(n, dtype=np.bool_)
+        kernel.wave(st, loc, mem32, mem64, srow, sel, values, ts, self._params, self._offsets, self._zs,
+                    feats, centre, scale, gaps, out, undo)
+        whole = n == hidden.shape[0]  # one wave over every device of the batch, in order
+        h = hidden if whole and bool((loc == np.arange(n)).all()) else None
+        rows_t = None
+        if h is None:
+            rows_t = torch.from_numpy(loc)
+            h = hidden[rows_t]
+        if gaps.any():
+            h = h.clone()
+            h[torch.from_numpy(gaps)] = 0.0
+        state = {name: h[:, k] for k, name in enumerate(self._state_names)}
+        x = torch.from_numpy(feats)
+        if self.device.type != "cpu":
+            x = x.to(self.device)
+            state = {k: v.to(self.device) for k, v in state.items()}
+        mean_n, scale_n, new = self.model.step(x, state)
+        new_h = torch.stack([new[name] for name in self._state_names], 1).to("cpu", torch.float32)
+        if rows_t is None:
+            hidden.copy_(new_h)
+        else:
+            hidden[rows_t] = new_h
+        kernel.store_predictions(st, loc, self._offsets, mean_n.cpu().numpy(), scale_n.cpu().numpy(),
+                                 centre, scale)
+        return gaps
 
 
 def _scatter_mask(order: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

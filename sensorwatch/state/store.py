@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +49,31 @@ class CapacityError(RuntimeError):
 
 @dataclass(frozen=True)
 class ColumnSpec:
-    """One per-device tensor column: per-row ``shape``, ``dtype`` and the value of a fresh row."""
+    """One per-device tensor column: per-row ``shape``, ``dtype`` and the value of a fresh row
+    (``fill`` everywhere, or the row ``template`` of a packed column, whose layout the owner
+    describes in the store's identity)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     fill: float = 0.0
+    template: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def fresh(self) -> torch.Tensor | float:
+        """What a fresh row holds (broadcast over the row)."""
+        return self.fill if self.template is None else torch.from_numpy(self.template).to(self.dtype)
 
     def allocate(self, rows: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``rows`` fresh rows of this column."""
-        return torch.full((rows, *self.shape), self.fill, dtype=self.dtype, device=device)
+        t = torch.full((rows, *self.shape), self.fill, dtype=self.dtype, device=device)
+        if self.template is not None:
+            t[:] = self.fresh()
+        return t
 
     def describe(self) -> list[Any]:
         # Non-finite fills as strings: NaN != NaN would make a JSON round trip never compare equal.
         fill: float | str = self.fill if math.isfinite(self.fill) else str(self.fill)
+        if self.template is not None:
+            fill = "template"
         return [list(self.shape), str(self.dtype).removeprefix("torch."), fill]
 
 
@@ -232,7 +244,7 @@ class DeviceStateStore:
     def _init_rows(self, rows: np.ndarray) -> None:
         idx = torch.from_numpy(rows).to(self.device)
         for name, spec in self.specs.items():
-            self.columns[name][idx] = spec.fill
+            self.columns[name][idx] = spec.fresh()
 
     def _grow(self, new_capacity: int) -> None:
         old = self.capacity
