@@ -26,7 +26,9 @@ def main() -> None:
             err = np.abs(g[fin] - w[fin]) / np.maximum(1.0, np.abs(w[fin]))
             worst = float(err.max(initial=0.0))
             exact = float((err == 0).mean()) if err.size else 1.0
-            parts.append(f"{col}={worst:.1e} ({100 * exact:.1f}% bit-equal{'' if same_nan else ', NaN DIFFER'})")
+            parts.append(
+                f"{col}={worst:.1e} ({100 * exact:.1f}% bit-equal{'' if same_nan else ', NaN DIFFER'})"
+            )
         print(f"{name}:\n  " + "\n  ".join(parts))
 
 

@@ -69,7 +69,10 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sensorwatch bench: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    return engine.main(devices, args.json, args.model, args.trials, args.min_seconds, args.models_dir, config)
+    gateway = (args.gateway_devices, args.gateway_readings) if args.gateway_devices > 0 else None
+    return engine.main(
+        devices, args.json, args.model, args.trials, args.min_seconds, args.models_dir, config, gateway
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,13 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    e = bsub.add_parser("engine", help="readings/s through StreamScorer.step vs a naive per-reading loop")
+    e = bsub.add_parser(
+        "engine", help="readings/s through StreamScorer.step beside the bare forecaster and a naive loop"
+    )
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--devices", default="1,100,10000,100000", help="comma-separated active device counts")
     e.add_argument("--model", help="model reference or 'builtin' (default: the default univariate model)")
     e.add_argument("--models-dir", default=None, help="models directory (default: ./models)")
     e.add_argument("--trials", type=int, default=5)
     e.add_argument("--min-seconds", type=float, default=1.0, help="minimum duration of one timed trial")
+    e.add_argument("--gateway-devices", type=int, default=1000, help="devices of the gateway row (0: none)")
+    e.add_argument("--gateway-readings", type=int, default=50, help="readings per device per gateway step")
     e.add_argument(
         "--scorer", action="append", metavar="KEY=VALUE", help="override a scorer setting (repeatable)"
     )

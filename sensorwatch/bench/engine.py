@@ -1,11 +1,18 @@
-"""``sensorwatch bench engine``: readings/s through StreamScorer.step versus a naive per-reading loop.
+"""``sensorwatch bench engine``: readings/s through StreamScorer.step beside its ceiling and a naive loop.
 
-For N active devices every timed ``step`` call carries one reading of each device (batch = N). The
-naive baseline, measured in the same run on the same model, is what one writes without batching:
-per reading, fetch that device's state from a dict, one forecaster forward call with batch size 1,
-store the state back (no calibration at all, so the baseline is, if anything, flattered). A second
-baseline runs the full ``StreamScorer.step`` with one reading per call. Each figure is the median of
-``trials`` timed runs.
+For N active devices every timed ``step`` call carries one reading of each device (batch = N).
+Measured in the same run, on the same model:
+
+* **ceiling** — the bare forecaster: the same model's cell + head (``Forecaster.step``) batched over
+  the same N rows, inputs and state already in place, no validation, no state store, no
+  calibration. The engine's ``ratio`` is its readings/s over this ceiling's;
+* **naive** — what one writes without batching: per reading, fetch that device's state from a dict,
+  one forecaster call with batch size 1, store the state back (no calibration at all);
+* **naive step** — the full ``StreamScorer.step`` with one reading per call;
+* **gateway** — ``--gateway-devices`` devices × ``--gateway-readings`` readings each per step (a
+  gateway that forwards a burst per device), beside the 10,000-device row (or the largest run).
+
+Each figure is the median of ``trials`` timed runs.
 """
 
 from __future__ import annotations
@@ -69,6 +76,39 @@ def _batched(
     return _timed(work, trials, min_s, 3)
 
 
+def _ceiling(model: Forecaster, n: int, trials: int, min_s: float) -> float:
+    """The bare forecaster over the same ``n`` rows: readings/s of ``Forecaster.step`` alone."""
+    feats = torch.randn(n, model.config.input_size, generator=torch.Generator().manual_seed(0))
+    box = [model.initial_state(n)]
+
+    def work(i: int) -> int:
+        _, _, box[0] = model.step(feats, box[0])
+        return n
+
+    with torch.inference_mode():
+        return _timed(work, trials, min_s, 3)[0]
+
+
+def _gateway(
+    model: Forecaster, version: str, cfg: ScorerConfig, n: int, per: int, trials: int, min_s: float
+) -> tuple[float, float]:
+    """``n`` devices × ``per`` readings each per step (each device's burst contiguous)."""
+    cfg = cfg.model_copy(update={"max_devices": max(n, 1)})
+    scorer = StreamScorer(model, cfg, model_version=version)
+    ids = [f"gw-{i:06d}" for i in range(n) for _ in range(per)]
+    c = model.config.channels
+    values = np.random.default_rng(1).standard_normal((n * per, c))
+    offsets = np.tile(np.arange(per) * 60.0, n)
+    t_base = 1.7e9
+
+    def work(i: int) -> int:
+        scorer.step(ReadingBatch(ids, t_base + offsets + 60.0 * per * i, values + 0.01 * (i % 11)))
+        return n * per
+
+    work(-1)  # allocate rows, get past first-reading paths
+    return _timed(work, trials, min_s, 2)
+
+
 def _naive_forward(model: Forecaster, n: int, trials: int, min_s: float) -> float:
     states = {f"dev-{i:06d}": model.initial_state(1) for i in range(min(n, 10_000))}
     ids = list(states)
@@ -108,6 +148,7 @@ def run(
     channels: int = 1,
     models_dir: str | None = None,
     config: ScorerConfig | None = None,
+    gateway: tuple[int, int] | None = (1000, 50),
 ) -> dict[str, Any]:
     cfg = config or ScorerConfig()
     model, version = load_default_or_builtin(model_ref, models_dir, channels)
@@ -115,12 +156,15 @@ def run(
     rows = []
     for n in devices:
         rate, step_ms = _batched(model, version, cfg, n, trials, min_s)
+        ceiling = _ceiling(model, n, trials, min_s)
         naive = _naive_forward(model, n, trials, min_s / 2)
         naive_step = _naive_step(model, version, cfg, n, trials, min_s / 2)
         rows.append(
             {
                 "devices": n,
                 "readings_per_s": rate,
+                "ceiling_readings_per_s": ceiling,
+                "ratio_to_ceiling": rate / ceiling,
                 "naive_readings_per_s": naive,
                 "speedup": rate / naive,
                 "naive_step_readings_per_s": naive_step,
@@ -128,6 +172,24 @@ def run(
             }
         )
         print(_fmt_row(rows[-1]), flush=True)
+    gw: dict[str, Any] | None = None
+    if gateway is not None:
+        g_dev, g_per = gateway
+        rate, step_ms = _gateway(model, version, cfg, g_dev, g_per, trials, min_s)
+        ref = next((r for r in rows if r["devices"] == 10_000), max(rows, key=lambda r: r["devices"]))
+        gw = {
+            "devices": g_dev,
+            "readings_per_device": g_per,
+            "readings_per_s": rate,
+            "step_ms": step_ms,
+            "reference_devices": ref["devices"],
+            "ratio_to_reference": rate / ref["readings_per_s"],
+        }
+        print(
+            f"gateway {g_dev:,} devices x {g_per} readings: {rate:,.0f} readings/s, {step_ms:.1f} ms/step, "
+            f"{gw['ratio_to_reference']:.2f}x the {ref['devices']:,}-device rate",
+            flush=True,
+        )
     arch = model.config
     return {
         "model": version,
@@ -145,18 +207,20 @@ def run(
         "processor": platform.processor(),
         "trials": trials,
         "rows": rows,
+        "gateway": gw,
     }
 
 
 HEADER = (
-    f"{'devices':>8} {'readings/s':>14} {'naive fwd r/s':>14} {'speedup':>8} "
-    f"{'naive step r/s':>15} {'ms/step':>9}"
+    f"{'devices':>8} {'readings/s':>12} {'ceiling r/s':>12} {'ratio':>6} {'naive fwd r/s':>14} "
+    f"{'speedup':>8} {'naive step r/s':>15} {'ms/step':>9}"
 )
 
 
 def _fmt_row(r: dict[str, Any]) -> str:
     return (
-        f"{r['devices']:>8,} {r['readings_per_s']:>14,.0f} {r['naive_readings_per_s']:>14,.0f} "
+        f"{r['devices']:>8,} {r['readings_per_s']:>12,.0f} {r['ceiling_readings_per_s']:>12,.0f} "
+        f"{r['ratio_to_ceiling']:>6.2f} {r['naive_readings_per_s']:>14,.0f} "
         f"{r['speedup']:>7.0f}x {r['naive_step_readings_per_s']:>15,.0f} {r['step_ms']:>9.2f}"
     )
 
@@ -169,10 +233,17 @@ def main(
     min_s: float,
     models_dir: str | None = None,
     config: ScorerConfig | None = None,
+    gateway: tuple[int, int] | None = (1000, 50),
 ) -> int:
     print(HEADER, flush=True)
     report = run(
-        devices, model_ref=model_ref, trials=trials, min_s=min_s, models_dir=models_dir, config=config
+        devices,
+        model_ref=model_ref,
+        trials=trials,
+        min_s=min_s,
+        models_dir=models_dir,
+        config=config,
+        gateway=gateway,
     )
     text = json.dumps(report, indent=2)
     if json_out:  # written before anything else is printed: a closed stdout must not lose it

@@ -177,10 +177,34 @@ class Forecaster(nn.Module):
         """One step for B devices.
 
         ``features`` (B, 2C+1) and ``state`` rows (B, L, H) → mean, scale (B, C) and the new state rows.
+
+        Calls torch's recurrent function (``torch.lstm`` / ``torch.gru`` / ``torch.rnn_tanh``) on the
+        module's own weights directly: bit-identical to ``self.rnn`` over a sequence of one (the same
+        kernel, oneDNN's on CPU), without the module's per-call checks (~160 → ~85 µs for one device on
+        a 2-core VM). (``torch.lstm_cell`` would be faster still but rounds differently, up to 5e-5 in z.)
         """
-        out, new = self.rnn(self._rnn_view(features).unsqueeze(1), self._rnn_state(state))
+        x = self._rnn_view(features).unsqueeze(1)
+        c = self.config
+        weights = self._weights()
+        if c.cell == "lstm":
+            out, h, cs = torch.lstm(
+                x, self._rnn_state(state), weights, True, c.num_layers, 0.0, False, False, True
+            )
+            new: Any = (h, cs)
+        else:
+            fn = torch.gru if c.cell == "gru" else torch.rnn_tanh
+            out, new = fn(x, self._rnn_state(state), weights, True, c.num_layers, 0.0, False, False, True)
         mean, scale = self._head(out[:, 0], features)
         return mean, scale, self._state_rows(new)
+
+    def _weights(self) -> list[torch.Tensor]:
+        """The recurrent module's parameters in torch's flat order (per layer: w_ih, w_hh, b_ih, b_hh)."""
+        rnn = self.rnn
+        return [
+            getattr(rnn, f"{kind}_l{k}")
+            for k in range(self.config.num_layers)
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
 
     def forward(
         self,

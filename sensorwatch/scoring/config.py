@@ -128,15 +128,6 @@ class ScorerConfig(BaseModel):
         description="EWMA weight of the newest level difference (reading − same bin a period earlier) that "
         "the seasonal check removes, so a level shift that has persisted stops being surprising.",
     )
-    empirical_surprise: bool = Field(
-        False,
-        description="Recalibrate the model's surprise (−log10 of the point / short-term tail) against the "
-        "device's own history over likelihood_long readings: −log10 of the fraction of past readings at "
-        "least as surprising, plus the excess over the most surprising reading seen (history from readings "
-        "past warm-up only). Makes surprises comparable across heavy-tailed and near-deterministic devices. "
-        "Off by default: with the current defaults it lowers NAB (built-in model: 70.2 → 56.0 standard), "
-        "costs ~3.6× throughput (64-bin histograms per kind) and lowers recall on the simulated fleet.",
-    )
     alert_filter: bool = Field(
         True,
         description="Numenta's alert filter: a reading at least filter_red digits surprising right after "

@@ -19,11 +19,14 @@ rings are the store's own arrays (``srow`` indexes them), written in place throu
 from __future__ import annotations
 
 import math
-from collections import namedtuple
+import os
 
+import numba
 import numpy as np
+from numba import njit, prange
 
-from sensorwatch.scoring.components import COMPONENTS, Setup, model_season, offsets
+from sensorwatch.scoring.batch import RejectReason
+from sensorwatch.scoring.components import Setup, model_season
 from sensorwatch.scoring.components import alert_filter as alert_filter_c
 from sensorwatch.scoring.components import core as core_c
 from sensorwatch.scoring.components import forecast as forecast_c
@@ -37,100 +40,133 @@ from sensorwatch.scoring.components.common import LN10, LOG_2, MEM32, jit, raw_s
 from sensorwatch.scoring.components.decision import decide
 from sensorwatch.scoring.components.likelihood import commit, short_term_tail
 from sensorwatch.scoring.features import season_slots
-from sensorwatch.scoring.state import Layout
 
-#: The scorer's settings as the kernel reads them (flags, windows, constants derived once).
-Params = namedtuple(  # noqa: PYI024
-    "Params",
+#: The scorer's settings as the kernels read them (``P.warmup``): flags, windows, derived constants.
+PARAMS = np.dtype(
     [
-        "channels", "warmup", "score_c", "max_gap_s", "recalibrate", "recalibrate_window",
-        "dt_window", "dt_clip", "norm_window", "std_floor_rel", "std_floor_abs", "smoothing_alpha",
-        "likelihood_short", "likelihood_long", "likelihood_std_floor", "likelihood_threshold",
-        "episode_cut", "range_check", "range_margin", "range_warmup", "point_likelihood",
-        "stuck_check", "stuck_cut", "seasonal_check", "seasonal_period_s", "seasonal_bin_s",
-        "seasonal_level_alpha", "seasonal_lag", "seasonal_slots", "seasonal_window", "alert_filter",
-        "filter_red", "filter_yellow", "threshold_calibrator", "threshold_window", "threshold_every",
-        "max_sequences", "prune_p", "min_threshold", "model_seasonal", "model_bin_s",
-        "model_day_lag", "model_week_lag", "model_slots", "features",
-    ],
+        ("channels", np.int64),
+        ("warmup", np.int64),
+        ("score_c", np.float64),
+        ("max_gap_s", np.float64),
+        ("recalibrate", np.bool_),
+        ("recalibrate_window", np.float64),
+        ("dt_window", np.float64),
+        ("dt_clip", np.float64),
+        ("norm_window", np.float64),
+        ("std_floor_rel", np.float64),
+        ("std_floor_abs", np.float64),
+        ("smoothing_alpha", np.float64),
+        ("likelihood_short", np.int64),
+        ("likelihood_long", np.float64),
+        ("likelihood_std_floor", np.float64),
+        ("likelihood_threshold", np.float64),
+        ("episode_cut", np.float64),
+        ("range_check", np.bool_),
+        ("range_margin", np.float64),
+        ("range_warmup", np.float64),
+        ("point_likelihood", np.bool_),
+        ("stuck_check", np.bool_),
+        ("stuck_cut", np.float64),
+        ("seasonal_check", np.bool_),
+        ("seasonal_period_s", np.float64),
+        ("seasonal_bin_s", np.float64),
+        ("seasonal_level_alpha", np.float64),
+        ("seasonal_lag", np.int64),
+        ("seasonal_slots", np.int64),
+        ("seasonal_window", np.float64),
+        ("alert_filter", np.bool_),
+        ("filter_red", np.float64),
+        ("filter_yellow", np.float64),
+        ("threshold_calibrator", np.bool_),
+        ("threshold_window", np.int64),
+        ("threshold_every", np.int64),
+        ("max_sequences", np.int64),
+        ("prune_p", np.float64),
+        ("min_threshold", np.float64),
+        ("model_seasonal", np.bool_),
+        ("model_bin_s", np.float64),
+        ("model_day_lag", np.int64),
+        ("model_week_lag", np.int64),
+        ("model_slots", np.int64),
+        ("features", np.int64),
+    ]
 )
-#: Every component's offsets named tuple, by component name.
-Offsets = namedtuple("Offsets", [m.NAME for m in COMPONENTS])  # noqa: PYI024
 
 
-def params(setup: Setup, features: int) -> Params:
+def params(setup: Setup, features: int) -> np.ndarray:
+    """A one-element :data:`PARAMS` array for this configuration."""
     cfg, model = setup.cfg, setup.model
     day, week = model_season.lags(setup)
-    return Params(
-        channels=model.channels,
-        warmup=int(cfg.warmup),
-        score_c=float(cfg.score_c),
-        max_gap_s=math.inf if cfg.max_gap_s is None else float(cfg.max_gap_s),
-        recalibrate=cfg.recalibrate_window is not None,
-        recalibrate_window=float(cfg.recalibrate_window or 1),
-        dt_window=float(cfg.dt_window),
-        dt_clip=float(cfg.dt_clip),
-        norm_window=float(cfg.norm_window),
-        std_floor_rel=float(cfg.std_floor_rel),
-        std_floor_abs=float(cfg.std_floor_abs),
-        smoothing_alpha=float(cfg.smoothing_alpha),
-        likelihood_short=int(cfg.likelihood_short),
-        likelihood_long=float(cfg.likelihood_long),
-        likelihood_std_floor=float(cfg.likelihood_std_floor),
-        likelihood_threshold=float(cfg.likelihood_threshold),
-        episode_cut=-math.log10(1.0 - cfg.likelihood_threshold),
-        range_check=cfg.range_margin is not None,
-        range_margin=float(cfg.range_margin or 0.0),
-        range_warmup=float(cfg.range_warmup),
-        point_likelihood=bool(cfg.point_likelihood),
-        stuck_check=bool(cfg.stuck_check),
-        stuck_cut=math.log1p(-cfg.likelihood_threshold),
-        seasonal_check=bool(cfg.seasonal_check),
-        seasonal_period_s=float(cfg.seasonal_period_s),
-        seasonal_bin_s=float(cfg.seasonal_bin_s),
-        seasonal_level_alpha=float(cfg.seasonal_level_alpha),
-        seasonal_lag=int(round(cfg.seasonal_period_s / cfg.seasonal_bin_s)),
-        seasonal_slots=int(season_slots(cfg.seasonal_bin_s, cfg.seasonal_period_s)),
-        seasonal_window=float(cfg.recalibrate_window or 1000),
-        alert_filter=bool(cfg.alert_filter),
-        filter_red=float(cfg.filter_red),
-        filter_yellow=float(cfg.filter_yellow),
-        threshold_calibrator=cfg.calibrator == "threshold",
-        threshold_window=int(cfg.threshold_window),
-        threshold_every=int(cfg.threshold_every),
-        max_sequences=int(cfg.max_sequences),
-        prune_p=float(cfg.prune_p),
-        min_threshold=float(cfg.min_threshold),
-        model_seasonal=bool(model.seasonal),
-        model_bin_s=float(model.season_bin_s),
-        model_day_lag=int(day),
-        model_week_lag=int(week),
-        model_slots=int(season_slots(model.season_bin_s)),
-        features=int(features),
-    )
+    values = {
+        "channels": model.channels,
+        "warmup": cfg.warmup,
+        "score_c": cfg.score_c,
+        "max_gap_s": math.inf if cfg.max_gap_s is None else cfg.max_gap_s,
+        "recalibrate": cfg.recalibrate_window is not None,
+        "recalibrate_window": cfg.recalibrate_window or 1,
+        "dt_window": cfg.dt_window,
+        "dt_clip": cfg.dt_clip,
+        "norm_window": cfg.norm_window,
+        "std_floor_rel": cfg.std_floor_rel,
+        "std_floor_abs": cfg.std_floor_abs,
+        "smoothing_alpha": cfg.smoothing_alpha,
+        "likelihood_short": cfg.likelihood_short,
+        "likelihood_long": cfg.likelihood_long,
+        "likelihood_std_floor": cfg.likelihood_std_floor,
+        "likelihood_threshold": cfg.likelihood_threshold,
+        "episode_cut": -math.log10(1.0 - cfg.likelihood_threshold),
+        "range_check": cfg.range_margin is not None,
+        "range_margin": cfg.range_margin or 0.0,
+        "range_warmup": cfg.range_warmup,
+        "point_likelihood": cfg.point_likelihood,
+        "stuck_check": cfg.stuck_check,
+        "stuck_cut": math.log1p(-cfg.likelihood_threshold),
+        "seasonal_check": cfg.seasonal_check,
+        "seasonal_period_s": cfg.seasonal_period_s,
+        "seasonal_bin_s": cfg.seasonal_bin_s,
+        "seasonal_level_alpha": cfg.seasonal_level_alpha,
+        "seasonal_lag": round(cfg.seasonal_period_s / cfg.seasonal_bin_s),
+        "seasonal_slots": season_slots(cfg.seasonal_bin_s, cfg.seasonal_period_s),
+        "seasonal_window": cfg.recalibrate_window or 1000,
+        "alert_filter": cfg.alert_filter,
+        "filter_red": cfg.filter_red,
+        "filter_yellow": cfg.filter_yellow,
+        "threshold_calibrator": cfg.calibrator == "threshold",
+        "threshold_window": cfg.threshold_window,
+        "threshold_every": cfg.threshold_every,
+        "max_sequences": cfg.max_sequences,
+        "prune_p": cfg.prune_p,
+        "min_threshold": cfg.min_threshold,
+        "model_seasonal": model.seasonal,
+        "model_bin_s": model.season_bin_s,
+        "model_day_lag": day,
+        "model_week_lag": week,
+        "model_slots": season_slots(model.season_bin_s),
+        "features": features,
+    }
+    rec = np.zeros(1, dtype=PARAMS)
+    for name, value in values.items():
+        rec[0][name] = value
+    return rec
 
 
-def build_offsets(setup: Setup, lay: Layout) -> Offsets:
-    return Offsets(**offsets(setup, lay))
+def undo_log(readings: int, per_reading: int, chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Room for the memory writes of one wave: (store, row, column, old value) rows, and a count
+    per chunk."""
+    return np.empty((max(readings, 1) * per_reading, 4), dtype=np.float64), np.zeros(chunks, dtype=np.int64)
 
 
-#: Per-wave outputs the kernel fills at each reading's batch position.
-Outputs = namedtuple(  # noqa: PYI024
-    "Outputs",
-    ["predicted", "z", "raw_score", "smoothed_score", "threshold", "likelihood", "is_anomaly",
-     "attribution", "warming_up"],
-)
+# numba's own thread pool: no second OpenMP runtime beside torch's; calls are serialised by the
+# callers (the service steps its scorer under one lock).
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+#: Waves at least this large run on numba's threads (:func:`wave_parallel`); smaller ones serially.
+PARALLEL_MIN = 4096
 
 
-def undo_log(capacity: int) -> tuple[np.ndarray, ...]:
-    """(store, row, column, old value, count) arrays for ``capacity`` memory writes."""
-    return (
-        np.zeros(capacity, dtype=np.int8),
-        np.zeros(capacity, dtype=np.int64),
-        np.zeros(capacity, dtype=np.int64),
-        np.zeros(capacity, dtype=np.float64),
-        np.zeros(1, dtype=np.int64),
-    )
+def chunks_for(readings: int) -> int:
+    """Chunks (threads) a wave of ``readings`` runs in."""
+    return numba.get_num_threads() if readings >= PARALLEL_MIN else 1
 
 
 def writes_per_reading(setup: Setup) -> int:
@@ -139,26 +175,231 @@ def writes_per_reading(setup: Setup) -> int:
     return (2 * c + 1) * (int(setup.cfg.seasonal_check) + int(setup.model.seasonal)) + 1
 
 
-@jit
-def rollback(mem32, mem64, undo) -> None:  # type: ignore[no-untyped-def]
-    """Undo every logged memory write, newest first."""
-    kind, row, col, val, n = undo
-    for k in range(n[0] - 1, -1, -1):
-        if kind[k] == MEM32:
-            mem32[row[k], col[k]] = val[k]
-        else:
-            mem64[row[k], col[k]] = val[k]
-    n[0] = 0
+#: Value checks of :func:`validate`, by code (1, 2, …), in the order they take precedence.
+VALUE_REJECTIONS = (
+    RejectReason.NON_FINITE,
+    RejectReason.VALUE_TOO_LARGE,
+    RejectReason.NO_VALUES,
+    RejectReason.BAD_TIMESTAMP,
+)
 
 
 @jit
-def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, scale, gaps, out, undo) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+def validate(values, ts, max_abs, code) -> bool:
+    """Code (index into :data:`VALUE_REJECTIONS`, 1-based; 0 = fine) of every reading's first failed
+    value check: an infinite value, a value beyond ``max_abs``, every channel missing, a non-finite
+    timestamp. Returns whether any reading failed."""
+    bad = False
+    for i in range(values.shape[0]):
+        inf = huge = False
+        missing = 0
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            if math.isinf(v):
+                inf = True
+            elif math.isnan(v):
+                missing += 1
+            elif abs(v) > max_abs:
+                huge = True
+        if inf:
+            code[i] = 1
+        elif huge:
+            code[i] = 2
+        elif missing == values.shape[1]:
+            code[i] = 3
+        elif not math.isfinite(ts[i]):
+            code[i] = 4
+        bad = bad or code[i] != 0
+    return bad
+
+
+@jit
+def rollback(mem32, mem64, undo, undo_n, n) -> None:
+    """Undo every memory write one wave of ``n`` readings logged, newest first. ``undo_n`` (T,)
+    counts the writes of each chunk, as :func:`wave_parallel` splits the log (T = 1: :func:`wave`)."""
+    chunks = undo_n.size
+    per = undo.shape[0] // max(n, 1)
+    for t in range(chunks - 1, -1, -1):
+        base = (t * n // chunks) * per
+        for k in range(base + undo_n[t] - 1, base - 1, -1):
+            row, col = int(undo[k, 1]), int(undo[k, 2])
+            if undo[k, 0] == MEM32:
+                mem32[row, col] = undo[k, 3]
+            else:
+                mem64[row, col] = undo[k, 3]
+        undo_n[t] = 0
+
+
+@jit
+def wave(
+    st,
+    loc,
+    mem32,
+    mem64,
+    srow,
+    sel,
+    xs,
+    tss,
+    params,
+    offsets,
+    zs,
+    feats,
+    centre,
+    scale,
+    gaps,
+    out_predicted,
+    out_z,
+    out_raw,
+    out_smoothed,
+    out_threshold,
+    out_likelihood,
+    out_anomaly,
+    out_attribution,
+    out_warming,
+    undo,
+    undo_n,
+) -> None:
     """Score the readings ``sel`` (batch positions) of one wave and build their model inputs.
 
     Reading ``i`` is ``xs[sel[i]]`` at ``tss[sel[i]]`` of the device whose state row is
     ``st[loc[i]]`` and memory row ``srow[i]``. Fills ``feats[i]`` (float32), ``centre[i]``,
-    ``scale[i]`` (normalised → raw units), ``gaps[i]`` and the ``out`` columns at ``sel[i]``.
+    ``scale[i]`` (normalised → raw units), ``gaps[i]`` and the ``out_*`` columns at ``sel[i]``.
+    ``params``/``offsets`` are one-element :data:`PARAMS` / ``components.OFFSETS`` arrays; memory
+    writes are logged in ``undo`` (``undo_n`` (1,) counts them).
     """
+    _score_range(
+        0,
+        loc.size,
+        st,
+        loc,
+        mem32,
+        mem64,
+        srow,
+        sel,
+        xs,
+        tss,
+        params,
+        offsets,
+        zs,
+        feats,
+        centre,
+        scale,
+        gaps,
+        out_predicted,
+        out_z,
+        out_raw,
+        out_smoothed,
+        out_threshold,
+        out_likelihood,
+        out_anomaly,
+        out_attribution,
+        out_warming,
+        undo,
+        undo_n[0:1],
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def wave_parallel(
+    st,
+    loc,
+    mem32,
+    mem64,
+    srow,
+    sel,
+    xs,
+    tss,
+    params,
+    offsets,
+    zs,
+    feats,
+    centre,
+    scale,
+    gaps,
+    out_predicted,
+    out_z,
+    out_raw,
+    out_smoothed,
+    out_threshold,
+    out_likelihood,
+    out_anomaly,
+    out_attribution,
+    out_warming,
+    undo,
+    undo_n,
+) -> None:
+    """:func:`wave` split into ``undo_n.size`` chunks run on numba's threads; chunk ``t`` (readings
+    ``t·n/T … (t+1)·n/T``) logs its memory writes in its own part of ``undo`` (from row
+    ``first·per_reading``) and counts them in ``undo_n[t]``. A wave touches each device once, so
+    the chunks never share a row."""
+    n, chunks = loc.size, undo_n.size
+    per = undo.shape[0] // max(n, 1)
+    for t in prange(chunks):
+        a, b = t * n // chunks, (t + 1) * n // chunks
+        _score_range(
+            a,
+            b,
+            st,
+            loc,
+            mem32,
+            mem64,
+            srow,
+            sel,
+            xs,
+            tss,
+            params,
+            offsets,
+            zs,
+            feats,
+            centre,
+            scale,
+            gaps,
+            out_predicted,
+            out_z,
+            out_raw,
+            out_smoothed,
+            out_threshold,
+            out_likelihood,
+            out_anomaly,
+            out_attribution,
+            out_warming,
+            undo[a * per : b * per],
+            undo_n[t : t + 1],
+        )
+
+
+@jit
+def _score_range(
+    first,
+    last,
+    st,
+    loc,
+    mem32,
+    mem64,
+    srow,
+    sel,
+    xs,
+    tss,
+    params,
+    offsets,
+    zs,
+    feats,
+    centre,
+    scale,
+    gaps,
+    out_predicted,
+    out_z,
+    out_raw,
+    out_smoothed,
+    out_threshold,
+    out_likelihood,
+    out_anomaly,
+    out_attribution,
+    out_warming,
+    undo,
+    undo_n,
+) -> None:
+    P, ofs = params[0], offsets[0]
     c = P.channels
     x, z, norm_scale, attr = np.empty(c), np.empty(c), np.empty(c), np.empty(c)
     sx_z, sx_attr, ref, x_filled, x_norm = np.empty(c), np.empty(c), np.empty(c), np.empty(c), np.empty(c)
@@ -166,8 +407,8 @@ def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, sca
     sx_scored, present, remember = np.empty(c, np.bool_), np.empty(c, np.bool_), np.empty(c, np.bool_)
     e_thr = np.empty(max(P.threshold_window, 1))
     extra = np.empty(5 * c)
-    oc, of, on, ol = O.core, O.forecast, O.normaliser, O.likelihood
-    for i in range(loc.size):
+    oc, of, on, ol = ofs.core, ofs.forecast, ofs.normaliser, ofs.likelihood
+    for i in range(first, last):
         row, m, b = st[loc[i]], srow[i], sel[i]
         ts = tss[b]
         for j in range(c):
@@ -179,14 +420,31 @@ def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, sca
         # 2. forecast residuals on the device's own scale, and their raw score
         for j in range(c):
             norm_scale[j] = normaliser_c.scale_before(row, on, j, P.std_floor_abs, P.std_floor_rel)
-        forecast_c.residuals(row, of, x, observed, has_pred, armed, norm_scale, P.recalibrate,
-                             P.recalibrate_window, z, scored)
+        forecast_c.residuals(
+            row, of, x, observed, has_pred, armed, norm_scale, P.recalibrate, P.recalibrate_window, z, scored
+        )
         raw = raw_score(z, scored, P.score_c, attr)
         # 3. seasonal check: its own residuals and raw score
         sx_raw, sx_any = 0.0, False
         if P.seasonal_check:
-            seasonal_c.residuals(row, O.seasonal_check, mem32, mem64, m, ts, x, observed, P, sx_z, sx_scored,
-                                 ref, present, remember, undo)
+            seasonal_c.residuals(
+                row,
+                ofs.seasonal_check,
+                mem32,
+                mem64,
+                m,
+                ts,
+                x,
+                observed,
+                P,
+                sx_z,
+                sx_scored,
+                ref,
+                present,
+                remember,
+                undo,
+                undo_n,
+            )
             sx_raw = raw_score(sx_z, sx_scored, P.score_c, sx_attr)
             for j in range(c):
                 sx_any = sx_any or sx_scored[j]
@@ -196,34 +454,44 @@ def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, sca
         log_short, l_mean, l_var = short_term_tail(row, ol.short_ring, ol.long_mean, ol.long_var, raw, n, P)
         seasonal_won = False
         if P.seasonal_check:
-            os_ = O.seasonal_check
-            sx = sx_any and has_pred
-            sx_n = row[os_.scores]
-            log_sx, s_mean, s_var = short_term_tail(row, os_.short_ring, os_.long_mean, os_.long_var, sx_raw,
-                                                    sx_n, P)
-            if sx:
-                commit(row, os_.short_ring, os_.long_mean, os_.long_var, sx_raw, sx_n, s_mean, s_var,
-                       P.likelihood_short)
+            os_ = ofs.seasonal_check
+            if sx_any and has_pred:
+                sx_n = row[os_.scores]
+                log_sx, s_mean, s_var = short_term_tail(
+                    row, os_.short_ring, os_.long_mean, os_.long_var, sx_raw, sx_n, P
+                )
+                commit(
+                    row,
+                    os_.short_ring,
+                    os_.long_mean,
+                    os_.long_var,
+                    sx_raw,
+                    sx_n,
+                    s_mean,
+                    s_var,
+                    P.likelihood_short,
+                )
                 row[os_.scores] = sx_n + 1.0
-            # It speaks once it has seen a full period of its own scores (at least warm-up).
-            if row[on.dt_count] > 0:
-                need = max(P.seasonal_period_s / math.exp(row[on.dt_log_mean]), float(P.warmup))
-            else:
-                need = math.inf
-            if sx and sx_n >= need:
-                seasonal_won = log_sx < log_short
-                log_short = min(min(log_short, log_sx) + LOG_2, 0.0)
+                # It speaks once it has seen a full period of its own scores (at least warm-up).
+                if row[on.dt_count] > 0:
+                    need = max(P.seasonal_period_s / math.exp(row[on.dt_log_mean]), float(P.warmup))
+                else:
+                    need = math.inf
+                if sx_n >= need:
+                    seasonal_won = log_sx < log_short
+                    log_short = min(min(log_short, log_sx) + LOG_2, 0.0)
         surprise = -log_short / LN10
         if P.point_likelihood:
             surprise = max(surprise, -point_c.log_tail(raw, P.score_c) / LN10)
         # 5. hard checks: range, stuck
         out_of_range = False
         if P.range_check:
-            out_of_range = range_c.check(row, O.range_check, x, observed, armed and n >= P.range_warmup,
-                                         P.range_margin)
+            out_of_range = range_c.check(
+                row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin
+            )
         hard = out_of_range
         if P.stuck_check:
-            log_stuck = stuck_c.log_tail(row, O.stuck_check, x, observed, P.norm_window)
+            log_stuck = stuck_c.log_tail(row, ofs.stuck_check, x, observed, P.norm_window)
             if not armed:
                 log_stuck = 0.0
             hard = hard or log_stuck <= P.stuck_cut
@@ -234,7 +502,7 @@ def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, sca
         previous_s = 0.0
         remembered = 0.0
         if P.alert_filter:
-            previous_s = row[O.alert_filter.previous_surprise]
+            previous_s = row[ofs.alert_filter.previous_surprise]
             surprise, remembered = alert_filter_c.apply(surprise, previous_s, P.filter_red, P.filter_yellow)
         likelihood = surprise_to_likelihood(surprise)
         if has_pred:
@@ -242,31 +510,41 @@ def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, sca
             row[ol.smoothed] = smoothed
             commit(row, ol.short_ring, ol.long_mean, ol.long_var, raw, n, l_mean, l_var, P.likelihood_short)
             if P.alert_filter:
-                row[O.alert_filter.previous_surprise] = remembered
+                row[ofs.alert_filter.previous_surprise] = remembered
         else:
             likelihood, smoothed = 0.0, 0.0
         # 7. decision, dynamic threshold
-        epsilon = row[O.threshold.epsilon] if P.threshold_calibrator else math.inf
-        out.is_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
+        epsilon = row[ofs.threshold.epsilon] if P.threshold_calibrator else math.inf
+        out_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
         if P.threshold_calibrator and has_pred:
-            threshold_c.update(row, O.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo)
-        out.threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold
-        out.likelihood[b] = likelihood
-        out.smoothed_score[b] = smoothed
-        out.raw_score[b] = raw if has_pred else 0.0
-        out.warming_up[b] = warming
+            threshold_c.update(row, ofs.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo, undo_n)
+        out_threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold
+        out_likelihood[b] = likelihood
+        out_smoothed[b] = smoothed
+        out_raw[b] = raw if has_pred else 0.0
+        out_warming[b] = warming
         for j in range(c):
-            out.predicted[b, j] = row[of.pred_mean + j] if has_pred else math.nan
-            out.z[b, j] = z[j] if scored[j] else math.nan
-            out.attribution[b, j] = sx_attr[j] if seasonal_won else attr[j]
+            out_predicted[b, j] = row[of.pred_mean + j] if has_pred else math.nan
+            out_z[b, j] = z[j] if scored[j] else math.nan
+            out_attribution[b, j] = sx_attr[j] if seasonal_won else attr[j]
         # 8. the forecaster's inputs; missing channels imputed with the prediction (running mean before)
         for j in range(c):
             if observed[j]:
                 x_filled[j] = x[j]
             else:
                 x_filled[j] = row[of.pred_mean + j] if has_pred else row[on.mean + j]
-        normaliser_c.normalise(row, on, x_filled, observed, P.norm_window, P.std_floor_abs, P.std_floor_rel,
-                               x_norm, centre[i], scale[i])
+        normaliser_c.normalise(
+            row,
+            on,
+            x_filled,
+            observed,
+            P.norm_window,
+            P.std_floor_abs,
+            P.std_floor_rel,
+            x_norm,
+            centre[i],
+            scale[i],
+        )
         dt_feat = normaliser_c.delta_t(row, on, dt, not gap, P.dt_window, P.dt_clip)
         f = feats[i]
         for j in range(c):
@@ -275,8 +553,26 @@ def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, sca
         f[2 * c] = dt_feat
         if P.model_seasonal:
             typical = math.exp(row[on.dt_log_mean]) if row[on.dt_count] > 0 else 0.0
-            model_season.inputs(row, O.model_season, mem32, mem64, m, ts, ts + typical, x, x_filled, observed,
-                                scale[i], gap, P, extra, ref, present, undo)
+            model_season.inputs(
+                row,
+                ofs.model_season,
+                mem32,
+                mem64,
+                m,
+                ts,
+                ts + typical,
+                x,
+                x_filled,
+                observed,
+                scale[i],
+                gap,
+                P,
+                extra,
+                ref,
+                present,
+                undo,
+                undo_n,
+            )
             for k in range(5 * c):
                 f[2 * c + 1 + k] = extra[k]
         core_c.finish(row, oc, ts, since, has_pred, likelihood)
@@ -284,7 +580,38 @@ def wave(st, loc, mem32, mem64, srow, sel, xs, tss, P, O, zs, feats, centre, sca
 
 
 @jit
-def store_predictions(st, loc, O, mean_n, scale_n, centre, scale) -> None:  # type: ignore[no-untyped-def]
+def store_predictions(st, loc, offsets, mean_n, scale_n, centre, scale) -> None:
     """Keep the wave's forecasts (float32, normalised units) in raw units for the next reading."""
+    ofs = offsets[0]
     for i in range(loc.size):
-        forecast_c.store_prediction(st[loc[i]], O.forecast, mean_n[i], scale_n[i], centre[i], scale[i])
+        forecast_c.store_prediction(st[loc[i]], ofs.forecast, mean_n[i], scale_n[i], centre[i], scale[i])
+
+
+def warm() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel: a small and a parallel-sized wave
+    through the default scorer and through a seasonal, threshold-calibrated one."""
+    from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
+    from sensorwatch.scoring.batch import ReadingBatch
+    from sensorwatch.scoring.config import ScorerConfig
+    from sensorwatch.scoring.scorer import StreamScorer
+
+    for model, cfg in (
+        (Forecaster(ForecasterConfig(hidden_size=4)), ScorerConfig()),
+        (Forecaster(ForecasterConfig(hidden_size=4, seasonal=True)), ScorerConfig(calibrator="threshold")),
+    ):
+        scorer = StreamScorer(model, cfg)
+        for n in (3, PARALLEL_MIN):
+            ids = [f"warm-{i}" for i in range(n)]
+            for k in range(2):
+                scorer.step(ReadingBatch(ids, np.full(n, 1e9 + 60.0 * k), np.ones((n, 1))))
+        scorer.step(ReadingBatch(["warm-0", "warm-0"], [2e9, 2e9 + 1], [[1.0], [2.0]]))  # two waves
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.perf_counter()
+    warm()
+    print(
+        f"scoring kernels ready in {time.perf_counter() - t0:.1f} s (numba cache: {numba.config.CACHE_DIR or 'beside the sources'})"
+    )

@@ -45,6 +45,7 @@ from sensorwatch.scoring import components, kernel
 from sensorwatch.scoring.batch import Reading, ReadingBatch, RejectReason, StepResult
 from sensorwatch.scoring.components.threshold import z_grid
 from sensorwatch.scoring.config import ScorerConfig
+from sensorwatch.scoring.state import Store
 from sensorwatch.state.store import ColumnSpec, DeviceStateStore, StateCopy
 
 F64 = torch.float64
@@ -53,7 +54,7 @@ F64 = torch.float64
 #: a few tensors (``state``, ``memory32``, ``memory64``, ``hidden``) with the layout in the identity.
 STATE_VERSION = 3
 #: The packed stores, in the store's column order.
-PACKED = ("state", "memory32", "memory64")
+PACKED: tuple[Store, ...] = ("state", "memory32", "memory64")
 
 
 class StreamScorer:
@@ -81,19 +82,21 @@ class StreamScorer:
         self.setup = components.Setup(cfg, model.config)
         self.layout = components.layout(self.setup)
         self._params = kernel.params(self.setup, model.config.input_size)
-        self._offsets = kernel.build_offsets(self.setup, self.layout)
+        self._offsets = components.offsets(self.layout)
         self._zs = z_grid(cfg)
         self._writes = kernel.writes_per_reading(self.setup)
         dtypes = {"state": F64, "memory32": torch.float32, "memory64": F64}
-        columns = {
-            name: ColumnSpec((max(1, self.layout.widths[name]),), dtypes[name],
-                             template=np.resize(self.layout.template(name), max(1, self.layout.widths[name])))
+        columns: dict[str, ColumnSpec] = {
+            name: ColumnSpec(
+                (max(1, self.layout.widths[name]),),
+                dtypes[name],
+                template=np.resize(self.layout.template(name), max(1, self.layout.widths[name])),
+            )
             for name in PACKED
         }
-        states = model.state_shapes
-        first = next(iter(states.values()))
-        columns["hidden"] = ColumnSpec((len(states), *first), torch.float32)
-        self._state_names = tuple(states)
+        for name, shape in model.state_shapes.items():
+            columns[f"hidden.{name}"] = ColumnSpec(shape, torch.float32)
+        self._state_names = tuple(model.state_shapes)
         self.store = DeviceStateStore(
             columns,
             max_devices=cfg.max_devices,
@@ -148,13 +151,13 @@ class StreamScorer:
         row = self.store.row_of(device_id)
         if row is None:
             return None
-        st, o = self.store.columns["state"][row], self._offsets.core
-        lik = float(st[o.last_likelihood])
-        since = int(st[o.since_reset])
+        st, o = self.store.columns["state"][row], self.layout.offsets["core"]
+        lik = float(st[o["last_likelihood"]])
+        since = int(st[o["since_reset"]])
         return {
             "device_id": device_id,
-            "count": int(st[o.count]),
-            "last_ts": float(st[o.last_ts]),
+            "count": int(st[o["count"]]),
+            "last_ts": float(st[o["last_ts"]]),
             "warming_up": since <= self.config.warmup,
             "readings_since_reset": since,
             "last_likelihood": lik if math.isfinite(lik) else None,
@@ -183,8 +186,8 @@ class StreamScorer:
             return None
         cols = self.store.columns
         out = self.layout.unpack({name: cols[name][row].numpy() for name in PACKED})
-        for k, name in enumerate(self._state_names):
-            out[f"hidden.{name}"] = cols["hidden"][row, k].numpy().copy()
+        for name in self._state_names:
+            out[f"hidden.{name}"] = cols[f"hidden.{name}"][row].numpy().copy()
         return out
 
     def swap_model(self, model: Forecaster, model_version: str) -> bool:
@@ -221,17 +224,15 @@ class StreamScorer:
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
         """Validate, allocate rows and split accepted readings into waves (indices into the batch)."""
         n = len(batch)
-        ok = np.fromiter((r is None for r in batch.reject), dtype=bool, count=n)
+        ok: np.ndarray = batch.reject == None  # noqa: E711  (elementwise over the object array)
         vals = batch.values
         if vals.shape[1] != self.model.config.channels:
             result.reason[ok] = RejectReason.WRONG_CHANNEL_COUNT.value
             return None
-        self._reject(result, ok, np.isinf(vals).any(1), RejectReason.NON_FINITE)
-        with np.errstate(invalid="ignore"):
-            huge = (np.abs(vals) > self.config.max_abs_value).any(1)
-        self._reject(result, ok, huge, RejectReason.VALUE_TOO_LARGE)
-        self._reject(result, ok, np.isnan(vals).all(1), RejectReason.NO_VALUES)
-        self._reject(result, ok, ~np.isfinite(batch.ts), RejectReason.BAD_TIMESTAMP)
+        failed = np.zeros(n, dtype=np.int8)
+        if kernel.validate(vals, batch.ts, self.config.max_abs_value, failed):
+            for k, reason in enumerate(kernel.VALUE_REJECTIONS, start=1):
+                self._reject(result, ok, failed == k, reason)
 
         distinct = list(dict.fromkeys(batch.device_ids))
         if "" in distinct or None in distinct:
@@ -246,7 +247,9 @@ class StreamScorer:
         last_ts = np.full(len(distinct), -np.inf)
         if (known >= 0).any():
             kr = known[known >= 0]
-            last_ts[known >= 0] = self.store.columns["state"].numpy()[kr, self._offsets.core.last_ts]
+            last_ts[known >= 0] = self.store.columns["state"].numpy()[
+                kr, self.layout.offsets["core"]["last_ts"]
+            ]
 
         rank = np.zeros(n, dtype=np.int64)
         if len(distinct) == n:
@@ -257,13 +260,18 @@ class StreamScorer:
         if not ok.any():
             return None
 
-        used = np.unique(inv[ok])
+        used = np.flatnonzero(ok) if len(distinct) == n else np.unique(inv[ok])
         if used.size > self.store.max_devices:
             over = np.isin(inv, used[self.store.max_devices :])
             self._reject(result, ok, over, RejectReason.CAPACITY)
             used = used[: self.store.max_devices]
         dev_rows = np.full(len(distinct), -1, dtype=np.int64)
-        dev_rows[used] = self.store.rows_for([distinct[i] for i in used.tolist()])
+        dev_rows[used] = known[used]
+        new = used[known[used] < 0]
+        if new.size:
+            protect = known[used]
+            dev_rows[new] = self.store.rows_for([distinct[i] for i in new.tolist()], protect[protect >= 0])
+        self.store.touch(dev_rows[used])
         result.accepted[:] = ok
         idx = np.flatnonzero(ok)
         if rank[idx].max(initial=0) == 0:
@@ -331,25 +339,25 @@ class StreamScorer:
         state = cols["state"].numpy()
         mem32, mem64 = cols["memory32"].numpy(), cols["memory64"].numpy()
         st = state.take(srows, axis=0)
-        hidden = cols["hidden"][torch.from_numpy(srows)]
-        undo = kernel.undo_log(self._writes * int(result.accepted.sum()))
+        hidden = {k: cols[f"hidden.{k}"].numpy().take(srows, axis=0) for k in self._state_names}
         values = np.ascontiguousarray(batch.values, dtype=np.float64)
         ts = np.ascontiguousarray(batch.ts, dtype=np.float64)
-        out = kernel.Outputs(
-            result.predicted, result.z, result.raw_score, result.smoothed_score, result.threshold,
-            result.likelihood, result.is_anomaly, result.attribution, result.warming_up,
-        )
+        logs: list[tuple[np.ndarray, np.ndarray, int]] = []
         try:
             with torch.inference_mode():
                 for sel in waves:
                     loc = local[inv[sel]]
-                    gaps = self._wave(st, loc, srows[loc], sel, values, ts, mem32, mem64, hidden, out, undo)
+                    gaps = self._wave(
+                        st, loc, srows[loc], sel, values, ts, mem32, mem64, hidden, result, logs
+                    )
                     result.gap_reset[sel] = gaps
         except BaseException:
-            kernel.rollback(mem32, mem64, undo)
+            for undo, undo_n, n in reversed(logs):
+                kernel.rollback(mem32, mem64, undo, undo_n, n)
             raise
         state[srows] = st
-        cols["hidden"][torch.from_numpy(srows)] = hidden
+        for k, h in hidden.items():
+            cols[f"hidden.{k}"].numpy()[srows] = h
         idx = np.concatenate(waves) if len(waves) > 1 else waves[0]
         result.imputed[idx] = np.isnan(values[idx])
 
@@ -363,38 +371,64 @@ class StreamScorer:
         ts: np.ndarray,
         mem32: np.ndarray,
         mem64: np.ndarray,
-        hidden: torch.Tensor,
-        out: kernel.Outputs,
-        undo: tuple[np.ndarray, ...],
+        hidden: dict[str, np.ndarray],
+        r: StepResult,
+        logs: list[tuple[np.ndarray, np.ndarray, int]],
     ) -> np.ndarray:
-        n, c = sel.size, self._params.channels
-        feats = np.empty((n, self._params.features), dtype=np.float32)
+        """One wave: the fused kernel, one forecaster step, the forecasts kept (module docstring)."""
+        n, c = sel.size, self.model.config.channels
+        feats = np.empty((n, self.model.config.input_size), dtype=np.float32)
         centre, scale = np.empty((n, c)), np.empty((n, c))
         gaps = np.empty(n, dtype=np.bool_)
-        kernel.wave(st, loc, mem32, mem64, srow, sel, values, ts, self._params, self._offsets, self._zs,
-                    feats, centre, scale, gaps, out, undo)
-        whole = n == hidden.shape[0]  # one wave over every device of the batch, in order
-        h = hidden if whole and bool((loc == np.arange(n)).all()) else None
-        rows_t = None
-        if h is None:
-            rows_t = torch.from_numpy(loc)
-            h = hidden[rows_t]
-        if gaps.any():
-            h = h.clone()
-            h[torch.from_numpy(gaps)] = 0.0
-        state = {name: h[:, k] for k, name in enumerate(self._state_names)}
-        x = torch.from_numpy(feats)
-        if self.device.type != "cpu":
-            x = x.to(self.device)
-            state = {k: v.to(self.device) for k, v in state.items()}
-        mean_n, scale_n, new = self.model.step(x, state)
-        new_h = torch.stack([new[name] for name in self._state_names], 1).to("cpu", torch.float32)
-        if rows_t is None:
-            hidden.copy_(new_h)
-        else:
-            hidden[rows_t] = new_h
-        kernel.store_predictions(st, loc, self._offsets, mean_n.cpu().numpy(), scale_n.cpu().numpy(),
-                                 centre, scale)
+        chunks = kernel.chunks_for(n)
+        undo, undo_n = kernel.undo_log(n, self._writes, chunks)
+        logs.append((undo, undo_n, n))
+        run = kernel.wave_parallel if chunks > 1 else kernel.wave
+        run(
+            st,
+            loc,
+            mem32,
+            mem64,
+            srow,
+            sel,
+            values,
+            ts,
+            self._params,
+            self._offsets,
+            self._zs,
+            feats,
+            centre,
+            scale,
+            gaps,
+            r.predicted,
+            r.z,
+            r.raw_score,
+            r.smoothed_score,
+            r.threshold,
+            r.likelihood,
+            r.is_anomaly,
+            r.attribution,
+            r.warming_up,
+            undo,
+            undo_n,
+        )
+        # The wave's rows of the working copy: all of it, in order, for a batch of distinct devices.
+        whole = n == st.shape[0] and bool((loc == np.arange(n)).all())
+        h_in = {k: h if whole else h[loc] for k, h in hidden.items()}
+        if gaps.any():  # a gap reset starts the recurrent state afresh (working copies: safe to zero)
+            for h in h_in.values():
+                h[gaps] = 0.0
+        state = {k: torch.from_numpy(h).to(self.device) for k, h in h_in.items()}
+        mean_n, scale_n, new = self.model.step(torch.from_numpy(feats).to(self.device), state)
+        for k, h in hidden.items():
+            out = new[k].cpu().numpy()
+            if whole:
+                h[...] = out
+            else:
+                h[loc] = out
+        kernel.store_predictions(
+            st, loc, self._offsets, mean_n.cpu().numpy(), scale_n.cpu().numpy(), centre, scale
+        )
         return gaps
 
 

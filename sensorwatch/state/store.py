@@ -21,6 +21,7 @@ store with another identity is a :class:`StateIncompatibleError`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -164,8 +165,9 @@ class DeviceStateStore:
 
     def lookup(self, device_ids: Sequence[str]) -> np.ndarray:
         """Rows of ``device_ids`` (-1 for unknown ones), without creating or touching anything."""
-        get = self._index.get
-        return np.fromiter((get(d, -1) for d in device_ids), dtype=np.int64, count=len(device_ids))
+        return np.fromiter(
+            map(self._index.get, device_ids, itertools.repeat(-1)), dtype=np.int64, count=len(device_ids)
+        )
 
     def rows_for(self, device_ids: Sequence[str], protect: np.ndarray | None = None) -> np.ndarray:
         """Rows of ``device_ids`` (distinct ids), allocating rows for new devices and marking all as used.

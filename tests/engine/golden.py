@@ -125,8 +125,11 @@ def _skab() -> tuple[StreamScorer, Batches]:
         longest = max(len(ts) for ts, _ in data)
         for t in range(longest):
             live = [(p.stem, ts, v) for p, (ts, v) in zip(files, data, strict=True) if t < len(ts)]
-            yield ReadingBatch([n for n, _, _ in live], np.array([ts[t] for _, ts, _ in live]),
-                               np.stack([v[t] for _, _, v in live]))
+            yield ReadingBatch(
+                [n for n, _, _ in live],
+                np.array([ts[t] for _, ts, _ in live]),
+                np.stack([v[t] for _, _, v in live]),
+            )
 
     return StreamScorer(model, ScorerConfig()), batches()
 
@@ -141,7 +144,9 @@ def _seasonal_model(channels: int) -> Forecaster:
 
 
 def _fleet4_seasonal() -> tuple[StreamScorer, Batches]:
-    return StreamScorer(_seasonal_model(4), ScorerConfig()), _fleet_batches(4, 1000, 2, seed=11, gaps=True, devices=16)
+    return StreamScorer(_seasonal_model(4), ScorerConfig()), _fleet_batches(
+        4, 1000, 2, seed=11, gaps=True, devices=16
+    )
 
 
 SCENARIOS: dict[str, Callable[[], tuple[StreamScorer, Batches]]] = {
@@ -176,8 +181,8 @@ def main() -> None:
         out = run(name)
         if args.write:
             np.savez_compressed(GOLDEN_DIR / f"{name}.npz", **out)
-        n = len(out["accepted"])
-        print(f"{name}: {n} readings, {int(out['accepted'].sum())} scored, {int(out['is_anomaly'].sum())} anomalies")
+        n, scored, flagged = len(out["accepted"]), int(out["accepted"].sum()), int(out["is_anomaly"].sum())
+        print(f"{name}: {n} readings, {scored} scored, {flagged} anomalies")
 
 
 if __name__ == "__main__":

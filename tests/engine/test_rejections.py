@@ -47,8 +47,24 @@ def twins(make_model, small_config) -> tuple[StreamScorer, StreamScorer]:
     return pair[0], pair[1]
 
 
+#: The scorer's field names (``StreamScorer.state_of``) by the names the featurizer's functions use.
+FEATURIZER_NAMES = {
+    "normaliser.count": "norm_n",
+    "normaliser.mean": "norm_mean",
+    "normaliser.var": "norm_var",
+    "normaliser.dt_count": "dt_n",
+    "normaliser.dt_log_mean": "dt_logmean",
+}
+
+
 def rows(scorer: StreamScorer, ids: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    return scorer.store.copy_rows(ids)
+    """Each device's state by field name (copies), as tensors."""
+    out = {}
+    for d in ids:
+        state = scorer.state_of(d)
+        if state is not None:
+            out[d] = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    return out
 
 
 def assert_rows_equal(
@@ -161,7 +177,7 @@ def test_duplicate_timestamps_within_one_batch(twins) -> None:
     want = twin.step([readings[0], readings[1], readings[3]])
     assert_results_match(take(res, res.accepted), want, magnitude=np.array([1.0, 25.0]))
     assert_rows_equal(rows(scorer, ["a"]), rows(twin, ["a"]))
-    assert rows(scorer, ["a"])["a"]["count"] == before["a"]["count"] + 1
+    assert rows(scorer, ["a"])["a"]["core.count"] == before["a"]["core.count"] + 1
 
 
 def test_out_of_order_and_duplicate_against_last_in_a_multi_reading_batch(twins) -> None:
@@ -235,7 +251,8 @@ def test_missing_channel_is_imputed_with_the_prediction(make_model, small_config
     scorer = StreamScorer(model, cfg)
     scorer.step(history_records())
     g = {k: v[None] for k, v in rows(scorer, ["a"])["a"].items()}  # (1, …) rows before the step
-    assert bool(g["has_pred"].all())
+    g.update({FEATURIZER_NAMES[k]: v for k, v in g.items() if k in FEATURIZER_NAMES})
+    assert bool((g["core.count"] > 0).all())  # the device has a prediction
 
     res = scorer.step([Reading("a", NEXT, [0.7, None])])
     assert res.accepted.all()
@@ -243,15 +260,15 @@ def test_missing_channel_is_imputed_with_the_prediction(make_model, small_config
     assert res.imputed.tolist() == [[False, True]]
     assert res.record(0)["imputed"] == ["ch1"]
     assert np.isfinite(res.predicted).all()
-    np.testing.assert_array_equal(res.predicted[0], g["pred_mean"][0].numpy())
+    np.testing.assert_array_equal(res.predicted[0], g["forecast.pred_mean"][0].numpy())
     assert np.isfinite(res.z[0, 0])
     assert np.isnan(res.z[0, 1])  # no residual for the missing channel
     np.testing.assert_array_equal(res.attribution[0], [1.0, 0.0])
     after = rows(scorer, ["a"])["a"]
     # The missing channel's normaliser statistics are untouched; the observed one's updated.
-    assert after["norm_n"][1] == g["norm_n"][0, 1]
-    assert after["norm_mean"][1] == g["norm_mean"][0, 1]
-    assert after["norm_n"][0] == g["norm_n"][0, 0] + 1
+    assert after["normaliser.count"][1] == g["norm_n"][0, 1]
+    assert after["normaliser.mean"][1] == g["norm_mean"][0, 1]
+    assert after["normaliser.count"][0] == g["norm_n"][0, 0] + 1
 
     # The model was fed the prediction in place of the missing value (recomputed by hand), and
     # that is distinguishable from imputing with the running mean.
@@ -260,16 +277,16 @@ def test_missing_channel_is_imputed_with_the_prediction(make_model, small_config
         observed = ~torch.isnan(x)
         x_filled = torch.where(observed, x, fill)
         x_norm, centre, scale, _ = feat.normalise(g, x_filled, observed, cfg)
-        dt = torch.tensor([NEXT], dtype=torch.float64) - g["last_ts"]
+        dt = torch.tensor([NEXT], dtype=torch.float64) - g["core.last_ts"]
         dt_feat, _ = feat.delta_t_feature(g, dt, torch.tensor([True]), cfg)
-        state = {k: g[k] for k in model.state_shapes}
+        state = {k: g[f"hidden.{k}"] for k in model.state_shapes}
         with torch.inference_mode():
             mean_n, _, _ = model.step(feat.assemble(x_norm, observed, dt_feat), state)
         return (mean_n.to(torch.float64) * scale + centre)[0]
 
-    with_prediction = next_prediction(g["pred_mean"])
+    with_prediction = next_prediction(g["forecast.pred_mean"])
     with_mean = next_prediction(g["norm_mean"])
-    torch.testing.assert_close(after["pred_mean"], with_prediction, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(after["forecast.pred_mean"], with_prediction, rtol=1e-6, atol=1e-9)
     assert not torch.allclose(with_prediction, with_mean, rtol=1e-3, atol=1e-6)
 
 
@@ -292,8 +309,8 @@ def test_gap_longer_than_max_gap_resets_state(make_model, small_config) -> None:
     assert res.raw_score[0] == 0.0
     assert scorer.counters["gap_resets"] == 1
     after = rows(scorer, ["a"])["a"]
-    assert after["since_reset"] == 1
-    assert after["count"] == 13  # the device is not forgotten, only its recurrent state
+    assert after["core.since_reset"] == 1
+    assert after["core.count"] == 13  # the device is not forgotten, only its recurrent state
 
     # Warm-up restarts: readings 2..warmup after the reset still warm up, the next one does not.
     t = last + 1000.0

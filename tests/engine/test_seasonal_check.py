@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from pydantic import ValidationError
 
 from sensorwatch import ReadingBatch, ScorerConfig, StreamScorer
-from sensorwatch.scoring import calibration as cal
+from sensorwatch.scoring.components.common import RECAL_MIN
 
 P, DT, NOISE, DAYS = 288, 300.0, 0.05, 10
 N = DAYS * P
@@ -104,17 +103,20 @@ def test_attribution_follows_the_seasonal_check(series) -> None:
 
 
 def test_the_check_abstains_until_it_has_a_period_of_memory() -> None:
+    """A residual of the check exists once the reading's hour one day earlier is remembered and its
+    RMS has warm-up residuals (read from the check's own state, one reading at a time)."""
     cfg = ScorerConfig()
-    cols = {k: spec.allocate(1) for k, spec in cal.seasonal_check_columns(1, cfg).items()}
-    idx = torch.zeros(1, dtype=torch.long)
+    scorer = StreamScorer.builtin(config=cfg)
+    need = max(RECAL_MIN, cfg.warmup)
     scored_at = []
     for i in range(2 * P):
-        x = torch.tensor([[float(np.sin(2 * np.pi * i / P))]], dtype=torch.float64)
-        ts = torch.tensor([T0 + i * DT], dtype=torch.float64)
-        seen = torch.ones_like(x, dtype=torch.bool)
-        _, scored, upd = cal.seasonal_residual(cols, idx, cols, ts, x, seen, cfg)
-        cols.update(upd)
-        scored_at.append(bool(scored.any()))
+        before = scorer.state_of("d")
+        scorer.step(ReadingBatch(["d"], [T0 + i * DT], [[float(np.sin(2 * np.pi * i / P))]]))
+        after = scorer.state_of("d")
+        assert after is not None
+        n0 = 0.0 if before is None else float(before["seasonal_check.rms_count"][0])
+        n1 = float(after["seasonal_check.rms_count"][0])
+        scored_at.append(n1 == n0 + 1 and n0 >= need)  # a remembered bin, and an RMS to divide by
     first = scored_at.index(True)
     # A residual needs the reading's hour one day earlier and warm-up residuals for its scale.
     assert P <= first <= P + cfg.warmup + 12
@@ -134,15 +136,20 @@ def test_the_checks_likelihood_waits_for_a_period_of_its_own_scores(series) -> N
 
 
 def test_seasonal_memory_is_small_and_its_config_is_checked() -> None:
-    cols = cal.seasonal_check_columns(1, ScorerConfig())
-    assert cols["sx_mean"].shape == (25, 1)  # a day of hourly bins plus one
+    layout = StreamScorer.builtin().layout
+    store, _, shape, _ = layout.fields["seasonal_check.mean"]
+    assert (store, shape) == ("memory32", (25, 1))  # a day of hourly bins plus one
+    item = {"state": 8, "memory32": 4, "memory64": 8}
     per_device = sum(
-        int(np.prod(spec.shape)) * torch.empty((), dtype=spec.dtype).element_size() for spec in cols.values()
+        int(np.prod(shape)) * item[where]
+        for name, (where, _, shape, _) in layout.fields.items()
+        if name.startswith("seasonal_check.")
     )
     assert per_device < 700  # bytes per univariate device
     with pytest.raises(ValidationError, match="whole number of bins"):
         ScorerConfig(seasonal_bin_s=7000.0)
-    assert "sx_mean" not in cal.calibration_columns(1, ScorerConfig(seasonal_check=False))
+    off = StreamScorer.builtin(config=ScorerConfig(seasonal_check=False)).layout
+    assert not any(name.startswith("seasonal_check.") for name in off.fields)
 
 
 def test_residuals_are_on_the_devices_own_scale_after_a_level_shift() -> None:

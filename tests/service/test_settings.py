@@ -199,7 +199,8 @@ def test_detection_settings_reach_the_scorer(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SENSORWATCH_LIKELIHOOD_THRESHOLD", "0.99999")
     cfg = Engine(load_settings(model="builtin"), Metrics(mqtt=False)).scorer.config
     assert (cfg.seasonal_check, cfg.point_likelihood, cfg.likelihood_threshold) == (False, True, 0.99999)
-    assert "sx_mean" not in Engine(load_settings(model="builtin"), Metrics(mqtt=False)).scorer.store.columns
+    layout = Engine(load_settings(model="builtin"), Metrics(mqtt=False)).scorer.layout
+    assert "seasonal_check.mean" not in layout.fields
     monkeypatch.setenv("SENSORWATCH_LIKELIHOOD_THRESHOLD", "1.5")
     with pytest.raises(SettingsError, match="SENSORWATCH_LIKELIHOOD_THRESHOLD"):
         load_settings()

@@ -232,7 +232,7 @@ def test_a_seasonal_model_trains_loads_and_scores(tmp_path: Path) -> None:
     card = json.loads((out / "1" / "card.json").read_text())
     assert card["architecture"]["seasonal"] is True
     scorer = StreamScorer(loaded.model, model_version=loaded.ref)
-    assert scorer.store.columns["sea_mean"].shape[1] == 7 * 48 + 1
+    assert scorer.layout.fields["model_season.mean"][2] == (7 * 48 + 1, 1)
     res = scorer.step(ReadingBatch(["d"] * 3, 1.7e9 + 600.0 * np.arange(3), np.array([[1.0], [1.1], [0.9]])))
     assert res.accepted.all()
     assert np.isfinite(res.predicted[1:]).all()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
+
 from sensorwatch.model.forecaster import ForecasterConfig
 from sensorwatch.scoring.components import (
     alert_filter,
@@ -26,7 +28,7 @@ from sensorwatch.scoring.components import (
     threshold,
 )
 from sensorwatch.scoring.config import ScorerConfig
-from sensorwatch.scoring.state import Layout, absent
+from sensorwatch.scoring.state import Layout
 
 #: Stateful components in kernel order (the point likelihood and the decision keep no state).
 COMPONENTS: tuple[ModuleType, ...] = (
@@ -51,11 +53,19 @@ class Setup:
     model: ForecasterConfig
 
 
+#: The record of every component's offsets the kernels read (``O.core.count``).
+OFFSETS = np.dtype([(m.NAME, m.Offsets) for m in COMPONENTS])
+
+
 def layout(setup: Setup) -> Layout:
-    on = [(m.NAME, m.STATE, m.Offsets) for m in COMPONENTS if m.enabled(setup)]
+    on = [(m.NAME, m.STATE) for m in COMPONENTS if m.enabled(setup)]
     return Layout(on, setup.model.channels, setup)
 
 
-def offsets(setup: Setup, lay: Layout) -> dict[str, object]:
-    """Every component's offsets (``-1`` everywhere for those that are off)."""
-    return {m.NAME: lay.offsets.get(m.NAME, absent(m.Offsets)) for m in COMPONENTS}
+def offsets(lay: Layout) -> np.ndarray:
+    """A one-element :data:`OFFSETS` array: every component's offsets, ``-1`` for those that are off."""
+    rec = np.full(1, -1, dtype=OFFSETS)  # (fills every int64 field)
+    for comp, fields in lay.offsets.items():
+        for name, off in fields.items():
+            rec[0][comp][name] = off
+    return rec

@@ -13,7 +13,7 @@ from sensorwatch.scoring.state import SCALAR, Field, offsets_type
 
 NAME = "alert_filter"
 STATE = (Field("previous_surprise", SCALAR),)
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 #: Surprise a range-check hit stands for when it is remembered (finite, above realistic tails).
 SURPRISE_CAP = 100.0
 
@@ -23,7 +23,7 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def apply(surprise, previous, red, yellow):  # type: ignore[no-untyped-def]
+def apply(surprise, previous, red, yellow):
     """(filtered surprise, the value to remember as ``previous_surprise``)."""
     hit = surprise >= red and previous >= red and math.isfinite(surprise)
     out = yellow * surprise / (surprise + 1.0) if hit else surprise

@@ -114,13 +114,12 @@ MEM64 = 1
 
 
 @jit
-def log_write(mem, which, row, col, value, undo) -> None:  # type: ignore[no-untyped-def]
-    """``mem[row, col] = value`` after logging the old value in ``undo`` = (store, row, column,
-    value, count) arrays; ``which`` is MEM32 or MEM64."""
-    kind, urow, ucol, uval, un = undo
-    k = un[0]
-    kind[k], urow[k], ucol[k], uval[k] = which, row, col, mem[row, col]
-    un[0] = k + 1
+def log_write(mem, which, row, col, value, undo, undo_n) -> None:
+    """``mem[row, col] = value`` after logging (store, row, column, old value) as row ``undo_n[0]``
+    of ``undo`` (K, 4); ``which`` is MEM32 or MEM64."""
+    k = undo_n[0]
+    undo[k, 0], undo[k, 1], undo[k, 2], undo[k, 3] = which, row, col, mem[row, col]
+    undo_n[0] = k + 1
     mem[row, col] = value
 
 
@@ -131,7 +130,7 @@ def ring_slot(bin_index: float, slots: int) -> int:
 
 
 @jit
-def ring_lookup(mem32, mem64, m, o_mean, o_count, o_bin, slots, b, ref, present) -> None:  # type: ignore[no-untyped-def]
+def ring_lookup(mem32, mem64, m, o_mean, o_count, o_bin, slots, b, ref, present) -> None:
     """The mean of bin ``b`` (C,) into ``ref`` and whether it holds readings of each channel into
     ``present`` — False once its slot was reused for a later bin."""
     c = ref.size
@@ -143,7 +142,7 @@ def ring_lookup(mem32, mem64, m, o_mean, o_count, o_bin, slots, b, ref, present)
 
 
 @jit
-def ring_update(mem32, mem64, m, o_mean, o_count, o_bin, slots, k, x, use, undo) -> None:  # type: ignore[no-untyped-def]
+def ring_update(mem32, mem64, m, o_mean, o_count, o_bin, slots, k, x, use, undo, undo_n) -> None:
     """Fold ``x`` (C,) where ``use`` into the mean of bin ``k`` of row ``m``; a slot last written for
     another bin is restarted (for every channel)."""
     c = x.size
@@ -155,6 +154,6 @@ def ring_update(mem32, mem64, m, o_mean, o_count, o_bin, slots, k, x, use, undo)
         mean_old = 0.0 if stale else np.float64(mem32[m, cm])
         cnt = cnt_old + (1.0 if use[j] else 0.0)
         mean = mean_old + (x[j] - mean_old) / max(cnt, 1.0) if use[j] else mean_old
-        log_write(mem32, MEM32, m, cm, mean, undo)
-        log_write(mem32, MEM32, m, cc, cnt, undo)
-    log_write(mem64, MEM64, m, o_bin + s, k, undo)
+        log_write(mem32, MEM32, m, cm, mean, undo, undo_n)
+        log_write(mem32, MEM32, m, cc, cnt, undo, undo_n)
+    log_write(mem64, MEM64, m, o_bin + s, k, undo, undo_n)

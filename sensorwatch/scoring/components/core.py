@@ -18,7 +18,7 @@ STATE = (
     Field("since_reset", SCALAR),
     Field("last_likelihood", SCALAR, math.nan),
 )
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -26,7 +26,7 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def begin(row, o, ts, max_gap_s, warmup):  # type: ignore[no-untyped-def]
+def begin(row, o, ts, max_gap_s, warmup):
     """(Δt, gap reset?, has a prediction?, readings since reset incl. this one, warming up?)."""
     count = row[o.count]
     fresh = count == 0
@@ -38,7 +38,7 @@ def begin(row, o, ts, max_gap_s, warmup):  # type: ignore[no-untyped-def]
 
 
 @jit
-def finish(row, o, ts, since, has_pred, likelihood) -> None:  # type: ignore[no-untyped-def]
+def finish(row, o, ts, since, has_pred, likelihood) -> None:
     row[o.last_ts] = ts
     row[o.count] += 1.0
     row[o.since_reset] = since

@@ -15,7 +15,7 @@ from sensorwatch.scoring.components.common import jit
 
 
 @jit
-def decide(P, likelihood, smoothed, epsilon, hard, previous_surprise, scored, armed):  # type: ignore[no-untyped-def]
+def decide(P, likelihood, smoothed, epsilon, hard, previous_surprise, scored, armed):
     if P.threshold_calibrator:
         flag = smoothed > epsilon
     else:

@@ -27,7 +27,7 @@ STATE = (
     Field("rms_count", CHANNELS),
     Field("mean_square", CHANNELS),
 )
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -35,7 +35,7 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def residuals(row, o, x, observed, has_pred, learn, norm_scale, recalibrate, window, z, scored) -> None:  # type: ignore[no-untyped-def]
+def residuals(row, o, x, observed, has_pred, learn, norm_scale, recalibrate, window, z, scored) -> None:
     """Fill ``z`` (C,) and ``scored`` (C,: observed and predicted); learn the RMS where ``learn``."""
     for j in range(x.size):
         scored[j] = observed[j] and has_pred
@@ -54,7 +54,7 @@ def residuals(row, o, x, observed, has_pred, learn, norm_scale, recalibrate, win
 
 
 @jit
-def store_prediction(row, o, mean_n, scale_n, centre, scale) -> None:  # type: ignore[no-untyped-def]
+def store_prediction(row, o, mean_n, scale_n, centre, scale) -> None:
     """The model's forecast (normalised units, float32) back in raw units for the next reading."""
     for j in range(centre.size):
         row[o.pred_mean + j] = float(mean_n[j]) * scale[j] + centre[j]

@@ -30,7 +30,7 @@ STATE = (
     Field("long_mean", SCALAR),
     Field("long_var", SCALAR),
 )
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -38,7 +38,7 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def short_term_tail(row, o_ring, o_mean, o_var, raw, n, P):  # type: ignore[no-untyped-def]
+def short_term_tail(row, o_ring, o_mean, o_var, raw, n, P):
     """(log tail, new long-term mean, new long-term variance) of raw score ``raw`` given ``n``
     earlier scores; :func:`commit` stores them with ``raw`` in the short-term ring."""
     s = P.likelihood_short
@@ -57,6 +57,6 @@ def short_term_tail(row, o_ring, o_mean, o_var, raw, n, P):  # type: ignore[no-u
 
 
 @jit
-def commit(row, o_ring, o_mean, o_var, raw, n, mean, var, s) -> None:  # type: ignore[no-untyped-def]
+def commit(row, o_ring, o_mean, o_var, raw, n, mean, var, s) -> None:
     row[o_ring + int(n % s)] = raw
     row[o_mean], row[o_var] = mean, var

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-
 from sensorwatch.scoring.components.common import jit, ring_lookup, ring_update
 from sensorwatch.scoring.features import SEASON_CLIP, season_lags, season_slots
 from sensorwatch.scoring.state import CHANNELS, Field, offsets_type
@@ -32,7 +31,7 @@ STATE = (
     Field("count", _ring, store="memory32"),
     Field("bin", _slots, -1.0, store="memory64"),
 )
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 #: Clip of a normalised step or lag value.
 CLIP = SEASON_CLIP
 
@@ -46,7 +45,26 @@ def lags(setup: object) -> tuple[int, int]:
 
 
 @jit
-def inputs(row, o, mem32, mem64, m, ts, next_ts, x, x_filled, observed, scale, gap, P, feats, ref, present, undo) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+def inputs(
+    row,
+    o,
+    mem32,
+    mem64,
+    m,
+    ts,
+    next_ts,
+    x,
+    x_filled,
+    observed,
+    scale,
+    gap,
+    P,
+    feats,
+    ref,
+    present,
+    undo,
+    undo_n,
+) -> None:
     """Write the step (C) and the day/week lags with masks (4C) into ``feats``; fold the reading
     into the ring first. ``ref``/``present`` are scratch (C,)."""
     c = x.size
@@ -56,7 +74,20 @@ def inputs(row, o, mem32, mem64, m, ts, next_ts, x, x_filled, observed, scale, g
         feats[j] = min(max(step, -CLIP), CLIP)
         row[o.last_x + j] = x_filled[j]
     slots = P.model_slots
-    ring_update(mem32, mem64, m, o.mean, o.count, o.bin, slots, math.floor(ts / P.model_bin_s), x, observed, undo)
+    ring_update(
+        mem32,
+        mem64,
+        m,
+        o.mean,
+        o.count,
+        o.bin,
+        slots,
+        math.floor(ts / P.model_bin_s),
+        x,
+        observed,
+        undo,
+        undo_n,
+    )
     base = c
     for lag in (P.model_day_lag, P.model_week_lag):
         b = math.floor(next_ts / P.model_bin_s) - lag

@@ -22,7 +22,7 @@ STATE = (
     Field("dt_count", SCALAR),
     Field("dt_log_mean", SCALAR),
 )
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -30,13 +30,13 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def scale_before(row, o, j, floor_abs, floor_rel):  # type: ignore[no-untyped-def]
+def scale_before(row, o, j, floor_abs, floor_rel):
     """Channel ``j``'s normaliser scale before this reading (raw units per normalised unit)."""
     return floored_std(math.sqrt(row[o.var + j]), row[o.mean + j], floor_abs, floor_rel)
 
 
 @jit
-def normalise(row, o, x_filled, observed, window, floor_abs, floor_rel, x_norm, centre, scale) -> None:  # type: ignore[no-untyped-def]
+def normalise(row, o, x_filled, observed, window, floor_abs, floor_rel, x_norm, centre, scale) -> None:
     """Fold the observed channels in; fill ``x_norm`` and the ``centre``/``scale`` that map
     normalised units back to raw ones (``raw = norm·scale + centre``)."""
     for j in range(x_filled.size):
@@ -55,7 +55,7 @@ def normalise(row, o, x_filled, observed, window, floor_abs, floor_rel, x_norm, 
 
 
 @jit
-def delta_t(row, o, dt, learn, window, clip):  # type: ignore[no-untyped-def]
+def delta_t(row, o, dt, learn, window, clip):
     """The Δt feature of ``dt`` seconds (NaN for a first reading); ``learn`` (not a gap reset)
     lets it update the typical interval."""
     has_dt = math.isfinite(dt) and dt > 0

@@ -22,6 +22,6 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def log_tail(raw, c):  # type: ignore[no-untyped-def]
+def log_tail(raw, c):
     z_eq = c * math.sqrt(-2.0 * math.log1p(-min(raw, RAW_MAX)))
     return LOG_2 + log_ndtr(-z_eq)

@@ -12,7 +12,7 @@ from sensorwatch.scoring.state import CHANNELS, Field, offsets_type
 
 NAME = "range_check"
 STATE = (Field("low", CHANNELS, math.inf), Field("high", CHANNELS, -math.inf))
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -20,7 +20,7 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def check(row, o, x, observed, armed, margin_rel):  # type: ignore[no-untyped-def]
+def check(row, o, x, observed, armed, margin_rel):
     """Whether any observed channel is outside the learnt range (before this reading) by more than
     the margin; then widen the range. ``armed``: the caller's warm-up conditions hold."""
     outside = False

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import math
 
-from sensorwatch.scoring.components.common import RECAL_MIN, floored_std, jit, ring_lookup, ring_update, rms_update
+from sensorwatch.scoring.components.common import (
+    RECAL_MIN,
+    floored_std,
+    jit,
+    ring_lookup,
+    ring_update,
+    rms_update,
+)
 from sensorwatch.scoring.components.likelihood import short_ring
 from sensorwatch.scoring.features import season_slots
 from sensorwatch.scoring.state import CHANNELS, SCALAR, Field, offsets_type
@@ -51,7 +58,7 @@ STATE = (
     Field("long_mean", SCALAR),
     Field("long_var", SCALAR),
 )
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -59,13 +66,25 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def residuals(row, o, mem32, mem64, m, ts, x, observed, P, z, scored, ref, present, remember, undo) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+def residuals(
+    row, o, mem32, mem64, m, ts, x, observed, P, z, scored, ref, present, remember, undo, undo_n
+) -> None:
     """Fill ``z`` and ``scored`` (C,); update the level, the RMS and the ring. ``ref``,
     ``present`` and ``remember`` are scratch (C,)."""
     c = x.size
     slots = P.seasonal_slots
-    ring_lookup(mem32, mem64, m, o.mean, o.count, o.bin, slots,
-                math.floor(ts / P.seasonal_bin_s) - P.seasonal_lag, ref, present)
+    ring_lookup(
+        mem32,
+        mem64,
+        m,
+        o.mean,
+        o.count,
+        o.bin,
+        slots,
+        math.floor(ts / P.seasonal_bin_s) - P.seasonal_lag,
+        ref,
+        present,
+    )
     need = max(RECAL_MIN, P.warmup)
     for j in range(c):
         here = present[j] and observed[j]
@@ -83,5 +102,17 @@ def residuals(row, o, mem32, mem64, m, ts, x, observed, P, z, scored, ref, prese
         ref[j] = x[j] - new_lvl  # what the ring remembers (level-free)
         if here:
             row[o.rms_count + j], row[o.mean_square + j] = rms_update(n, ms, e, ready, P.seasonal_window)
-    ring_update(mem32, mem64, m, o.mean, o.count, o.bin, slots, math.floor(ts / P.seasonal_bin_s),
-                ref, remember, undo)
+    ring_update(
+        mem32,
+        mem64,
+        m,
+        o.mean,
+        o.count,
+        o.bin,
+        slots,
+        math.floor(ts / P.seasonal_bin_s),
+        ref,
+        remember,
+        undo,
+        undo_n,
+    )

@@ -17,7 +17,7 @@ STATE = (
     Field("repeat_rate", CHANNELS),
     Field("run", CHANNELS),
 )
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -25,7 +25,7 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def log_tail(row, o, x, observed, window):  # type: ignore[no-untyped-def]
+def log_tail(row, o, x, observed, window):
     out = 0.0
     for j in range(x.size):
         prev = row[o.previous + j]

@@ -24,7 +24,7 @@ def _window(c: int, s: object) -> tuple[int, ...]:
 
 
 STATE = (Field("epsilon", SCALAR, math.inf), Field("window", _window, store="memory32"))
-Offsets = offsets_type(__name__, STATE)
+Offsets = offsets_type(STATE)
 
 
 def enabled(setup: object) -> bool:
@@ -37,17 +37,17 @@ def z_grid(cfg: object) -> np.ndarray:
 
 
 @jit
-def update(row, o, mem32, m, smoothed, count, P, zs, e, undo) -> None:  # type: ignore[no-untyped-def]
+def update(row, o, mem32, m, smoothed, count, P, zs, e, undo, undo_n) -> None:
     """Append ``smoothed`` (``count`` scored readings including it) and re-fit ε when due.
     ``e`` is scratch (W,)."""
     w = P.threshold_window
-    log_write(mem32, MEM32, m, o.window + int((count - 1) % w), smoothed, undo)
+    log_write(mem32, MEM32, m, o.window + int((count - 1) % w), smoothed, undo, undo_n)
     if count % P.threshold_every == 0 and count >= min(w, 2 * P.threshold_every):
         row[o.epsilon] = fit(mem32[m, o.window : o.window + w], count, P, zs, e)
 
 
 @jit
-def fit(ring, count, P, zs, e):  # type: ignore[no-untyped-def]
+def fit(ring, count, P, zs, e):
     """ε for one ring of ``count`` written scores (full once ``count ≥ W``)."""
     w = ring.size
     filled = int(min(count, w))
