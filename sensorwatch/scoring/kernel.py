@@ -36,7 +36,7 @@ from sensorwatch.scoring.components import range_check as range_c
 from sensorwatch.scoring.components import seasonal_check as seasonal_c
 from sensorwatch.scoring.components import stuck_check as stuck_c
 from sensorwatch.scoring.components import threshold as threshold_c
-from sensorwatch.scoring.components.common import LN10, LOG_2, MEM32, jit, raw_score, surprise_to_likelihood
+from sensorwatch.scoring.components.common import LN10, LOG_2, MEM32, entry, raw_score, surprise_to_likelihood
 from sensorwatch.scoring.components.decision import decide
 from sensorwatch.scoring.components.likelihood import commit, short_term_tail
 from sensorwatch.scoring.features import season_slots
@@ -184,7 +184,7 @@ VALUE_REJECTIONS = (
 )
 
 
-@jit
+@entry
 def validate(values, ts, max_abs, code) -> bool:
     """Code (index into :data:`VALUE_REJECTIONS`, 1-based; 0 = fine) of every reading's first failed
     value check: an infinite value, a value beyond ``max_abs``, every channel missing, a non-finite
@@ -213,7 +213,7 @@ def validate(values, ts, max_abs, code) -> bool:
     return bad
 
 
-@jit
+@entry
 def rollback(mem32, mem64, undo, undo_n, n) -> None:
     """Undo every memory write one wave of ``n`` readings logged, newest first. ``undo_n`` (T,)
     counts the writes of each chunk, as :func:`wave_parallel` splits the log (T = 1: :func:`wave`)."""
@@ -230,7 +230,7 @@ def rollback(mem32, mem64, undo, undo_n, n) -> None:
         undo_n[t] = 0
 
 
-@jit
+@entry
 def wave(
     st,
     loc,
@@ -368,7 +368,7 @@ def wave_parallel(
         )
 
 
-@jit
+@entry
 def _score_range(
     first,
     last,
@@ -579,7 +579,7 @@ def _score_range(
         gaps[i] = gap
 
 
-@jit
+@entry
 def store_predictions(st, loc, offsets, mean_n, scale_n, centre, scale) -> None:
     """Keep the wave's forecasts (float32, normalised units) in raw units for the next reading."""
     ofs = offsets[0]
@@ -612,6 +612,4 @@ if __name__ == "__main__":
 
     t0 = time.perf_counter()
     warm()
-    print(
-        f"scoring kernels ready in {time.perf_counter() - t0:.1f} s (numba cache: {numba.config.CACHE_DIR or 'beside the sources'})"
-    )
+    print(f"scoring kernels ready in {time.perf_counter() - t0:.1f} s (cache {numba.config.CACHE_DIR})")

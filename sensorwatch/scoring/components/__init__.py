@@ -9,11 +9,37 @@ one entry in :data:`COMPONENTS` and one call in the kernel.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
+import numba
 import numpy as np
 
+
+def _kernel_cache_dir() -> str:
+    """numba's on-disk cache, keyed by the sources of every compiled function.
+
+    numba keys a cached function by its own file only, so a kernel compiled against an older
+    component would be loaded after that component changed. Every ``.py`` file of
+    ``sensorwatch/scoring`` (and the numba version) is hashed into the cache directory instead: any
+    change compiles afresh. Under ``$NUMBA_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME`` (``~/.cache``).
+    """
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(numba.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sensorwatch", "numba"
+    )
+    return os.path.join(base, digest.hexdigest()[:16])
+
+
+numba.config.CACHE_DIR = _kernel_cache_dir()  # type: ignore[attr-defined]  # before any kernel is defined
+
+# ruff: noqa: E402  (the components are imported after the cache directory is set)
 from sensorwatch.model.forecaster import ForecasterConfig
 from sensorwatch.scoring.components import (
     alert_filter,

@@ -25,7 +25,11 @@ SURPRISE_EXACT = 8.0
 #: Bound of the compressed surprise: likelihood < 1 − 10^(−SURPRISE_TOP) for every finite surprise.
 SURPRISE_TOP = 12.0
 
-jit = njit(cache=True, nogil=True, error_model="numpy")
+#: Compiled per-reading functions of the components: inlined into the kernel that calls them (numba
+#: IR inlining, measured ~20 % faster per reading than calls, at ~10 s more first compilation).
+jit = njit(cache=True, nogil=True, error_model="numpy", inline="always")
+#: The kernel's own entry points (called from Python, never inlined).
+entry = njit(cache=True, nogil=True, error_model="numpy")
 
 
 @jit

@@ -1,0 +1,171 @@
+"""The scoring components' contract, for every configuration the README offers × every calibrator.
+
+* each component owns its fields (declared once, disjoint, readable names) and the default layout
+  is no larger than the state before the components (1,057 bytes per univariate device);
+* every configuration is batching-invariant (one batch, random chunks, one reading at a time);
+* a batch that fails half-way (the forecaster raises in its second wave) leaves every device's
+  state — rows, rings and hidden state — exactly as it was, and the same batch afterwards scores
+  exactly as on a scorer that never failed;
+* a snapshot taken in any configuration restores into a scorer that continues identically.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from sensorwatch import CALIBRATORS, ReadingBatch, StreamScorer
+from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
+from sensorwatch.scoring.components import COMPONENTS
+from tests.engine.helpers import assert_results_match, channel_magnitude, random_history, step_in_chunks
+from tests.engine.test_contract import Interleaving, interleavings
+
+#: Every configuration the README offers: each optional component off (or on, if off by default),
+#: all of them off, and a seasonal forecaster (its memory is a component too).
+CONFIGURATIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "seasonal_check-off": {"seasonal_check": False},
+    "stuck_check-off": {"stuck_check": False},
+    "range_check-off": {"range_margin": None},
+    "alert_filter-off": {"alert_filter": False},
+    "recalibrate-off": {"recalibrate_window": None},
+    "gap_reset-off": {"max_gap_s": None},
+    "point_likelihood-on": {"point_likelihood": True},
+    "all-optional-off": {
+        "seasonal_check": False,
+        "stuck_check": False,
+        "range_margin": None,
+        "alert_filter": False,
+        "recalibrate_window": None,
+    },
+    "seasonal-model": {},
+}
+CASES = list(itertools.product(CONFIGURATIONS, CALIBRATORS))
+cases = pytest.mark.parametrize(("config", "calibrator"), CASES, ids=[f"{a}-{b}" for a, b in CASES])
+
+
+def _scorer_factory(make_model, small_config, config: str, calibrator: str) -> Callable[[], StreamScorer]:
+    cfg = small_config(calibrator, **CONFIGURATIONS[config])
+    if config == "seasonal-model":
+        model = Forecaster(ForecasterConfig(cell="lstm", hidden_size=8, channels=2, seasonal=True))
+        with torch.no_grad():
+            for p in model.parameters():
+                torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(5))
+        model.eval()
+    else:
+        model = make_model("lstm")
+    return lambda: StreamScorer(model, cfg)
+
+
+def _store_bytes(scorer: StreamScorer) -> dict[str, bytes]:
+    return {name: t.numpy().tobytes() for name, t in scorer.store.columns.items()}
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def test_components_own_disjoint_readably_named_fields() -> None:
+    names = [m.NAME for m in COMPONENTS]
+    assert len(set(names)) == len(names)
+    for m in COMPONENTS:
+        fields = [f.name for f in m.STATE]
+        assert len(set(fields)) == len(fields), m.NAME
+        assert all(len(f) >= 3 and f.islower() for f in fields), m.NAME  # no cryptic st_/sx_ names
+        assert list(m.Offsets.names) == fields  # the offsets record is the declaration, once
+    layout = StreamScorer.builtin().layout
+    spans = sorted(
+        (where, off, off + int(np.prod(shape)), name)
+        for name, (where, off, shape, _) in layout.fields.items()
+    )
+    for a, b in itertools.pairwise(spans):
+        assert a[0] != b[0] or a[2] <= b[1], (a, b)  # no two fields share a slot of a store
+
+
+def test_state_per_device_is_not_larger_than_before_the_components() -> None:
+    scorer = StreamScorer.builtin()  # univariate, default config: seasonal check on
+    hidden = sum(int(np.prod(s)) * 4 for s in scorer.model.state_shapes.values())
+    per_device = scorer.layout.bytes_per_device() + hidden
+    assert per_device <= 1057, per_device  # 1,057 bytes with the torch columns (STATE_VERSION 2)
+
+
+# ---------------------------------------------------------------------------------------------- behaviour
+@cases
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(case=interleavings())
+def test_every_configuration_is_batching_invariant(
+    config, calibrator, make_model, small_config, case: Interleaving
+) -> None:
+    new = _scorer_factory(make_model, small_config, config, calibrator)
+    whole = new().step(case.batch)
+    chunked = step_in_chunks(new(), case.batch, case.cuts)
+    assert_results_match(chunked, whole, magnitude=channel_magnitude(case.batch.values))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@cases
+def test_a_failing_batch_leaves_every_device_untouched(config, calibrator, make_model, small_config) -> None:
+    new = _scorer_factory(make_model, small_config, config, calibrator)
+    scorer, twin = new(), new()
+    history = random_history(np.random.default_rng(3), ["a", "b", "c"], per_device=40)
+    for s in (scorer, twin):
+        s.step(history)
+    before = _store_bytes(scorer)
+    t = float(history.ts.max())
+    # Two readings of "a" and "b" (two waves) and a new device "d".
+    batch = ReadingBatch(
+        ["a", "b", "a", "d", "b"],
+        [t + 10, t + 10, t + 20, t + 10, t + 20],
+        [[1.0, 20.0], [2.0, np.nan], [1.5, 21.0], [0.0, 5.0], [2.5, 22.0]],
+    )
+    real = scorer.model.step
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Boom("forecaster failed in the second wave")
+        return real(*args, **kw)
+
+    scorer.model.step = failing  # type: ignore[method-assign]
+    with pytest.raises(Boom):
+        scorer.step(batch)
+    assert calls["n"] == 2  # the first wave had run (and written its rings) before the failure
+    after = _store_bytes(scorer)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name] == before[name], f"{config}: {name} changed by a failed batch"
+    scorer.model.step = real  # type: ignore[method-assign]
+    assert_results_match(scorer.step(batch), twin.step(batch), exact=True)
+    assert _store_bytes(scorer).keys() == _store_bytes(twin).keys()
+
+
+@cases
+def test_every_configuration_snapshots_and_continues_identically(
+    config, calibrator, make_model, small_config, tmp_path
+) -> None:
+    new = _scorer_factory(make_model, small_config, config, calibrator)
+    rng = np.random.default_rng(4)
+    first = random_history(rng, ["a", "b"], per_device=30)
+    scorer = new()
+    scorer.step(first)
+    path = tmp_path / "state.safetensors"
+    scorer.snapshot(str(path))
+    restored = new()
+    restored.restore(str(path))
+    later = random_history(rng, ["a", "b"], per_device=10, t0=float(first.ts.max()) + 1.0)
+    assert_results_match(restored.step(later), scorer.step(later), exact=True)
