@@ -36,7 +36,14 @@ from sensorwatch.scoring.components import range_check as range_c
 from sensorwatch.scoring.components import seasonal_check as seasonal_c
 from sensorwatch.scoring.components import stuck_check as stuck_c
 from sensorwatch.scoring.components import threshold as threshold_c
-from sensorwatch.scoring.components.common import LN10, LOG_2, MEM32, entry, raw_score, surprise_to_likelihood
+from sensorwatch.scoring.components.common import (
+    LN10,
+    LOG_2,
+    MEM32,
+    entry,
+    raw_score,
+    surprise_to_likelihood,
+)
 from sensorwatch.scoring.components.decision import decide
 from sensorwatch.scoring.components.likelihood import commit, short_term_tail
 from sensorwatch.scoring.features import season_slots
@@ -399,184 +406,459 @@ def _score_range(
     undo,
     undo_n,
 ) -> None:
+    """Readings ``first … last`` of a wave: bookkeeping, scoring, features, per reading."""
     P, ofs = params[0], offsets[0]
     c = P.channels
-    x, z, norm_scale, attr = np.empty(c), np.empty(c), np.empty(c), np.empty(c)
-    sx_z, sx_attr, ref, x_filled, x_norm = np.empty(c), np.empty(c), np.empty(c), np.empty(c), np.empty(c)
-    observed, scored = np.empty(c, np.bool_), np.empty(c, np.bool_)
-    sx_scored, present, remember = np.empty(c, np.bool_), np.empty(c, np.bool_), np.empty(c, np.bool_)
-    e_thr = np.empty(max(P.threshold_window, 1))
-    extra = np.empty(5 * c)
-    oc, of, on, ol = ofs.core, ofs.forecast, ofs.normaliser, ofs.likelihood
+    f64, flags = np.empty((8, c)), np.empty((5, c), np.bool_)
+    e_thr, extra = np.empty(max(P.threshold_window, 1)), np.empty(5 * c)
+    x, norm_scale, observed = f64[6], f64[7], flags[4]
+    oc, on = ofs.core, ofs.normaliser
     for i in range(first, last):
         row, m, b = st[loc[i]], srow[i], sel[i]
         ts = tss[b]
         for j in range(c):
             x[j] = xs[b, j]
             observed[j] = not math.isnan(x[j])
-        # 1. bookkeeping: gap reset, warm-up
         dt, gap, has_pred, since, warming = core_c.begin(row, oc, ts, P.max_gap_s, P.warmup)
-        armed = not warming
-        # 2. forecast residuals on the device's own scale, and their raw score
         for j in range(c):
             norm_scale[j] = normaliser_c.scale_before(row, on, j, P.std_floor_abs, P.std_floor_rel)
-        forecast_c.residuals(
-            row, of, x, observed, has_pred, armed, norm_scale, P.recalibrate, P.recalibrate_window, z, scored
-        )
-        raw = raw_score(z, scored, P.score_c, attr)
-        # 3. seasonal check: its own residuals and raw score
-        sx_raw, sx_any = 0.0, False
-        if P.seasonal_check:
-            seasonal_c.residuals(
-                row,
-                ofs.seasonal_check,
-                mem32,
-                mem64,
-                m,
-                ts,
-                x,
-                observed,
-                P,
-                sx_z,
-                sx_scored,
-                ref,
-                present,
-                remember,
-                undo,
-                undo_n,
-            )
-            sx_raw = raw_score(sx_z, sx_scored, P.score_c, sx_attr)
-            for j in range(c):
-                sx_any = sx_any or sx_scored[j]
-        # 4. likelihood of the forecast's raw scores (and the seasonal check's)
-        n = row[ol.count]
-        smoothed = raw if n == 0 else P.smoothing_alpha * raw + (1.0 - P.smoothing_alpha) * row[ol.smoothed]
-        log_short, l_mean, l_var = short_term_tail(row, ol.short_ring, ol.long_mean, ol.long_var, raw, n, P)
-        seasonal_won = False
-        if P.seasonal_check:
-            os_ = ofs.seasonal_check
-            if sx_any and has_pred:
-                sx_n = row[os_.scores]
-                log_sx, s_mean, s_var = short_term_tail(
-                    row, os_.short_ring, os_.long_mean, os_.long_var, sx_raw, sx_n, P
-                )
-                commit(
-                    row,
-                    os_.short_ring,
-                    os_.long_mean,
-                    os_.long_var,
-                    sx_raw,
-                    sx_n,
-                    s_mean,
-                    s_var,
-                    P.likelihood_short,
-                )
-                row[os_.scores] = sx_n + 1.0
-                # It speaks once it has seen a full period of its own scores (at least warm-up).
-                if row[on.dt_count] > 0:
-                    need = max(P.seasonal_period_s / math.exp(row[on.dt_log_mean]), float(P.warmup))
-                else:
-                    need = math.inf
-                if sx_n >= need:
-                    seasonal_won = log_sx < log_short
-                    log_short = min(min(log_short, log_sx) + LOG_2, 0.0)
-        surprise = -log_short / LN10
-        if P.point_likelihood:
-            surprise = max(surprise, -point_c.log_tail(raw, P.score_c) / LN10)
-        # 5. hard checks: range, stuck
-        out_of_range = False
-        if P.range_check:
-            out_of_range = range_c.check(
-                row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin
-            )
-        hard = out_of_range
-        if P.stuck_check:
-            log_stuck = stuck_c.log_tail(row, ofs.stuck_check, x, observed, P.norm_window)
-            if not armed:
-                log_stuck = 0.0
-            hard = hard or log_stuck <= P.stuck_cut
-            surprise = max(surprise, -log_stuck / LN10)
-        if out_of_range:
-            surprise = math.inf
-        # 6. alert filter, likelihood
-        previous_s = 0.0
-        remembered = 0.0
-        if P.alert_filter:
-            previous_s = row[ofs.alert_filter.previous_surprise]
-            surprise, remembered = alert_filter_c.apply(surprise, previous_s, P.filter_red, P.filter_yellow)
-        likelihood = surprise_to_likelihood(surprise)
-        if has_pred:
-            row[ol.count] = n + 1.0
-            row[ol.smoothed] = smoothed
-            commit(row, ol.short_ring, ol.long_mean, ol.long_var, raw, n, l_mean, l_var, P.likelihood_short)
-            if P.alert_filter:
-                row[ofs.alert_filter.previous_surprise] = remembered
-        else:
-            likelihood, smoothed = 0.0, 0.0
-        # 7. decision, dynamic threshold
-        epsilon = row[ofs.threshold.epsilon] if P.threshold_calibrator else math.inf
-        out_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
-        if P.threshold_calibrator and has_pred:
-            threshold_c.update(row, ofs.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo, undo_n)
-        out_threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold
-        out_likelihood[b] = likelihood
-        out_smoothed[b] = smoothed
-        out_raw[b] = raw if has_pred else 0.0
-        out_warming[b] = warming
-        for j in range(c):
-            out_predicted[b, j] = row[of.pred_mean + j] if has_pred else math.nan
-            out_z[b, j] = z[j] if scored[j] else math.nan
-            out_attribution[b, j] = sx_attr[j] if seasonal_won else attr[j]
-        # 8. the forecaster's inputs; missing channels imputed with the prediction (running mean before)
-        for j in range(c):
-            if observed[j]:
-                x_filled[j] = x[j]
-            else:
-                x_filled[j] = row[of.pred_mean + j] if has_pred else row[on.mean + j]
-        normaliser_c.normalise(
+        likelihood = _score(
             row,
-            on,
-            x_filled,
+            m,
+            b,
+            ts,
+            x,
             observed,
-            P.norm_window,
-            P.std_floor_abs,
-            P.std_floor_rel,
-            x_norm,
+            row[on.dt_count],
+            row[on.dt_log_mean],
+            norm_scale,
+            has_pred,
+            warming,
+            P,
+            ofs,
+            mem32,
+            mem64,
+            zs,
+            f64,
+            flags,
+            e_thr,
+            out_predicted,
+            out_z,
+            out_raw,
+            out_smoothed,
+            out_threshold,
+            out_likelihood,
+            out_anomaly,
+            out_attribution,
+            out_warming,
+            undo,
+            undo_n,
+        )
+        _features(
+            row,
+            m,
+            ts,
+            x,
+            observed,
+            has_pred,
+            dt,
+            gap,
+            P,
+            ofs,
+            mem32,
+            mem64,
+            feats[i],
             centre[i],
             scale[i],
+            f64,
+            flags,
+            extra,
+            undo,
+            undo_n,
         )
-        dt_feat = normaliser_c.delta_t(row, on, dt, not gap, P.dt_window, P.dt_clip)
-        f = feats[i]
+        core_c.finish(row, oc, ts, since, has_pred, likelihood)
+        gaps[i] = gap
+
+
+@entry
+def _score(
+    row,
+    m,
+    b,
+    ts,
+    x,
+    observed,
+    dt_count,
+    dt_log_mean,
+    norm_scale,
+    has_pred,
+    warming,
+    P,
+    ofs,
+    mem32,
+    mem64,
+    zs,
+    f64,
+    flags,
+    e_thr,
+    out_predicted,
+    out_z,
+    out_raw,
+    out_smoothed,
+    out_threshold,
+    out_likelihood,
+    out_anomaly,
+    out_attribution,
+    out_warming,
+    undo,
+    undo_n,
+):
+    """Every scoring component for one reading, in order; fills its outputs at batch position ``b`` and
+    returns its likelihood. ``dt_count``/``dt_log_mean``/``norm_scale``: the normaliser before this
+    reading. ``f64`` rows 0–4 and ``flags`` rows 0–3 are scratch."""
+    c = x.size
+    z, attr, sx_z, sx_attr, ref = f64[0], f64[1], f64[2], f64[3], f64[4]
+    scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
+    of, ol = ofs.forecast, ofs.likelihood
+    armed = not warming
+    # forecast residuals on the device's own scale, and their raw score
+    forecast_c.residuals(
+        row, of, x, observed, has_pred, armed, norm_scale, P.recalibrate, P.recalibrate_window, z, scored
+    )
+    raw = raw_score(z, scored, P.score_c, attr)
+    # seasonal check: its own residuals and raw score
+    sx_raw, sx_any = 0.0, False
+    if P.seasonal_check:
+        seasonal_c.residuals(
+            row,
+            ofs.seasonal_check,
+            mem32,
+            mem64,
+            m,
+            ts,
+            x,
+            observed,
+            P,
+            sx_z,
+            sx_scored,
+            ref,
+            present,
+            remember,
+            undo,
+            undo_n,
+        )
+        sx_raw = raw_score(sx_z, sx_scored, P.score_c, sx_attr)
         for j in range(c):
-            f[j] = x_norm[j]
-            f[c + j] = 1.0 if observed[j] else 0.0
-        f[2 * c] = dt_feat
-        if P.model_seasonal:
-            typical = math.exp(row[on.dt_log_mean]) if row[on.dt_count] > 0 else 0.0
-            model_season.inputs(
+            sx_any = sx_any or sx_scored[j]
+    # likelihood of the forecast's raw scores (and the seasonal check's)
+    n = row[ol.count]
+    smoothed = raw if n == 0 else P.smoothing_alpha * raw + (1.0 - P.smoothing_alpha) * row[ol.smoothed]
+    log_short, l_mean, l_var = short_term_tail(row, ol.short_ring, ol.long_mean, ol.long_var, raw, n, P)
+    seasonal_won = False
+    if P.seasonal_check and sx_any and has_pred:
+        os_ = ofs.seasonal_check
+        sx_n = row[os_.scores]
+        log_sx, s_mean, s_var = short_term_tail(
+            row, os_.short_ring, os_.long_mean, os_.long_var, sx_raw, sx_n, P
+        )
+        commit(
+            row, os_.short_ring, os_.long_mean, os_.long_var, sx_raw, sx_n, s_mean, s_var, P.likelihood_short
+        )
+        row[os_.scores] = sx_n + 1.0
+        # It speaks once it has seen a full period of its own scores (at least warm-up).
+        need = max(P.seasonal_period_s / math.exp(dt_log_mean), float(P.warmup)) if dt_count > 0 else math.inf
+        if sx_n >= need:
+            seasonal_won = log_sx < log_short
+            log_short = min(min(log_short, log_sx) + LOG_2, 0.0)
+    surprise = -log_short / LN10
+    if P.point_likelihood:
+        surprise = max(surprise, -point_c.log_tail(raw, P.score_c) / LN10)
+    # hard checks: range, stuck
+    out_of_range = False
+    if P.range_check:
+        out_of_range = range_c.check(
+            row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin
+        )
+    hard = out_of_range
+    if P.stuck_check:
+        log_stuck = stuck_c.log_tail(row, ofs.stuck_check, x, observed, P.norm_window)
+        if not armed:
+            log_stuck = 0.0
+        hard = hard or log_stuck <= P.stuck_cut
+        surprise = max(surprise, -log_stuck / LN10)
+    if out_of_range:
+        surprise = math.inf
+    # alert filter, likelihood
+    previous_s = 0.0
+    remembered = 0.0
+    if P.alert_filter:
+        previous_s = row[ofs.alert_filter.previous_surprise]
+        surprise, remembered = alert_filter_c.apply(surprise, previous_s, P.filter_red, P.filter_yellow)
+    likelihood = surprise_to_likelihood(surprise)
+    if has_pred:
+        row[ol.count] = n + 1.0
+        row[ol.smoothed] = smoothed
+        commit(row, ol.short_ring, ol.long_mean, ol.long_var, raw, n, l_mean, l_var, P.likelihood_short)
+        if P.alert_filter:
+            row[ofs.alert_filter.previous_surprise] = remembered
+    else:
+        likelihood, smoothed = 0.0, 0.0
+    # decision, dynamic threshold
+    epsilon = row[ofs.threshold.epsilon] if P.threshold_calibrator else math.inf
+    out_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
+    if P.threshold_calibrator and has_pred:
+        threshold_c.update(row, ofs.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo, undo_n)
+    out_threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold
+    out_likelihood[b] = likelihood
+    out_smoothed[b] = smoothed
+    out_raw[b] = raw if has_pred else 0.0
+    out_warming[b] = warming
+    for j in range(c):
+        out_predicted[b, j] = row[of.pred_mean + j] if has_pred else math.nan
+        out_z[b, j] = z[j] if scored[j] else math.nan
+        out_attribution[b, j] = sx_attr[j] if seasonal_won else attr[j]
+    return likelihood
+
+
+@entry
+def _features(
+    row,
+    m,
+    ts,
+    x,
+    observed,
+    has_pred,
+    dt,
+    gap,
+    P,
+    ofs,
+    mem32,
+    mem64,
+    feats,
+    centre,
+    scale,
+    f64,
+    flags,
+    extra,
+    undo,
+    undo_n,
+) -> None:
+    """The forecaster's inputs for one reading into ``feats`` (and ``centre``/``scale``: normalised →
+    raw units); missing channels imputed with the prediction (the running mean before one exists).
+    ``f64`` rows 0–4 and ``flags`` row 2 are scratch."""
+    c = x.size
+    of, on = ofs.forecast, ofs.normaliser
+    x_filled, x_norm, ref, present = f64[0], f64[1], f64[4], flags[2]
+    for j in range(c):
+        if observed[j]:
+            x_filled[j] = x[j]
+        else:
+            x_filled[j] = row[of.pred_mean + j] if has_pred else row[on.mean + j]
+    normaliser_c.normalise(
+        row, on, x_filled, observed, P.norm_window, P.std_floor_abs, P.std_floor_rel, x_norm, centre, scale
+    )
+    dt_feat = normaliser_c.delta_t(row, on, dt, not gap, P.dt_window, P.dt_clip)
+    for j in range(c):
+        feats[j] = x_norm[j]
+        feats[c + j] = 1.0 if observed[j] else 0.0
+    feats[2 * c] = dt_feat
+    if P.model_seasonal:
+        typical = math.exp(row[on.dt_log_mean]) if row[on.dt_count] > 0 else 0.0
+        model_season.inputs(
+            row,
+            ofs.model_season,
+            mem32,
+            mem64,
+            m,
+            ts,
+            ts + typical,
+            x,
+            x_filled,
+            observed,
+            scale,
+            gap,
+            P,
+            extra,
+            ref,
+            present,
+            undo,
+            undo_n,
+        )
+        for k in range(5 * c):
+            feats[2 * c + 1 + k] = extra[k]
+
+
+# ------------------------------------------------------------------------------------------ sequences
+# A batch whose devices each bring several readings, all channels observed and no gap after their
+# first, runs as sequences: the forecaster's inputs for every reading first (the features need no
+# forecast when nothing is imputed), one forecaster call over each device's sequence, then the
+# scoring components over each sequence in order, with the forecast of step t − 1 stored before
+# step t is scored. Components own disjoint state, so only the interleaving changes, not a result.
+@entry
+def sequence_features(
+    st,
+    dev_loc,
+    dev_srow,
+    starts,
+    lengths,
+    order,
+    mem32,
+    mem64,
+    xs,
+    tss,
+    params,
+    offsets,
+    feats,
+    centre,
+    scale,
+    rec,
+    rec_flags,
+    undo,
+    undo_n,
+) -> None:
+    """Phase 1 for devices ``d`` (``order[starts[d]:starts[d] + lengths[d]]`` are its readings'
+    batch positions, in time order): bookkeeping and features into ``feats[d, t]``, and what the
+    scoring phase needs recorded per reading ``k`` (sorted position): ``rec[k]`` = normaliser scale
+    before the reading (C), Δt count and log-mean before it; ``rec_flags[k]`` = (gap, has a
+    prediction, warming up)."""
+    P, ofs = params[0], offsets[0]
+    c = P.channels
+    f64, flags = np.empty((8, c)), np.empty((5, c), np.bool_)
+    extra = np.empty(5 * c)
+    x, observed = f64[6], flags[4]
+    oc, on = ofs.core, ofs.normaliser
+    for d in range(dev_loc.size):
+        row, m = st[dev_loc[d]], dev_srow[d]
+        for t in range(lengths[d]):
+            k = starts[d] + t
+            b = order[k]
+            ts = tss[b]
+            for j in range(c):
+                x[j] = xs[b, j]
+                observed[j] = True
+            dt, gap, has_pred, since, warming = core_c.begin(row, oc, ts, P.max_gap_s, P.warmup)
+            for j in range(c):
+                rec[k, j] = normaliser_c.scale_before(row, on, j, P.std_floor_abs, P.std_floor_rel)
+            rec[k, c], rec[k, c + 1] = row[on.dt_count], row[on.dt_log_mean]
+            rec_flags[k, 0], rec_flags[k, 1], rec_flags[k, 2] = gap, has_pred, warming
+            _features(
                 row,
-                ofs.model_season,
-                mem32,
-                mem64,
                 m,
                 ts,
-                ts + typical,
                 x,
-                x_filled,
                 observed,
-                scale[i],
+                has_pred,
+                dt,
                 gap,
                 P,
+                ofs,
+                mem32,
+                mem64,
+                feats[d, t],
+                centre[k],
+                scale[k],
+                f64,
+                flags,
                 extra,
-                ref,
-                present,
                 undo,
                 undo_n,
             )
-            for k in range(5 * c):
-                f[2 * c + 1 + k] = extra[k]
-        core_c.finish(row, oc, ts, since, has_pred, likelihood)
-        gaps[i] = gap
+            core_c.finish(row, oc, ts, since, False, 0.0)  # (the likelihood comes in phase 2)
+
+
+@entry
+def sequence_score(
+    st,
+    dev_loc,
+    dev_srow,
+    starts,
+    lengths,
+    order,
+    mem32,
+    mem64,
+    xs,
+    tss,
+    params,
+    offsets,
+    zs,
+    mean_n,
+    scale_n,
+    centre,
+    scale,
+    rec,
+    rec_flags,
+    out_predicted,
+    out_z,
+    out_raw,
+    out_smoothed,
+    out_threshold,
+    out_likelihood,
+    out_anomaly,
+    out_attribution,
+    out_warming,
+    undo,
+    undo_n,
+) -> None:
+    """Phase 2: the scoring components over each device's sequence; ``mean_n[d, t]``/``scale_n[d, t]``
+    is the forecast made at step t (of step t + 1), stored before step t + 1 is scored and, for the
+    last step, kept for the next batch."""
+    P, ofs = params[0], offsets[0]
+    c = P.channels
+    f64, flags = np.empty((8, c)), np.empty((5, c), np.bool_)
+    e_thr = np.empty(max(P.threshold_window, 1))
+    x, norm_scale, observed = f64[6], f64[7], flags[4]
+    oc, of = ofs.core, ofs.forecast
+    for d in range(dev_loc.size):
+        row, m = st[dev_loc[d]], dev_srow[d]
+        for t in range(lengths[d]):
+            k = starts[d] + t
+            b = order[k]
+            if t > 0:
+                forecast_c.store_prediction(
+                    row, of, mean_n[d, t - 1], scale_n[d, t - 1], centre[k - 1], scale[k - 1]
+                )
+            for j in range(c):
+                x[j] = xs[b, j]
+                observed[j] = True
+                norm_scale[j] = rec[k, j]
+            has_pred = rec_flags[k, 1]
+            likelihood = _score(
+                row,
+                m,
+                b,
+                tss[b],
+                x,
+                observed,
+                rec[k, c],
+                rec[k, c + 1],
+                norm_scale,
+                has_pred,
+                rec_flags[k, 2],
+                P,
+                ofs,
+                mem32,
+                mem64,
+                zs,
+                f64,
+                flags,
+                e_thr,
+                out_predicted,
+                out_z,
+                out_raw,
+                out_smoothed,
+                out_threshold,
+                out_likelihood,
+                out_anomaly,
+                out_attribution,
+                out_warming,
+                undo,
+                undo_n,
+            )
+            if has_pred:
+                row[oc.last_likelihood] = likelihood
+        last = lengths[d] - 1
+        k = starts[d] + last
+        forecast_c.store_prediction(row, of, mean_n[d, last], scale_n[d, last], centre[k], scale[k])
 
 
 @entry
@@ -604,7 +886,8 @@ def warm() -> None:
             ids = [f"warm-{i}" for i in range(n)]
             for k in range(2):
                 scorer.step(ReadingBatch(ids, np.full(n, 1e9 + 60.0 * k), np.ones((n, 1))))
-        scorer.step(ReadingBatch(["warm-0", "warm-0"], [2e9, 2e9 + 1], [[1.0], [2.0]]))  # two waves
+        scorer.step(ReadingBatch(["warm-0", "warm-0"], [2e9, 2e9 + 1], [[1.0], [2.0]]))  # sequences
+        scorer.step(ReadingBatch(["warm-0", "warm-0"], [3e9, 3e9 + 1e6], [[1.0], [2.0]]))  # two waves (a gap)
 
 
 if __name__ == "__main__":

@@ -343,9 +343,12 @@ class StreamScorer:
         values = np.ascontiguousarray(batch.values, dtype=np.float64)
         ts = np.ascontiguousarray(batch.ts, dtype=np.float64)
         logs: list[tuple[np.ndarray, np.ndarray, int]] = []
+        plan = self._sequences(waves, local[inv], values, ts, used.size) if len(waves) > 1 else None
         try:
             with torch.inference_mode():
-                for sel in waves:
+                if plan is not None:
+                    self._run_sequences(plan, st, srows, values, ts, mem32, mem64, hidden, result, logs)
+                for sel in waves if plan is None else ():
                     loc = local[inv[sel]]
                     gaps = self._wave(
                         st, loc, srows[loc], sel, values, ts, mem32, mem64, hidden, result, logs
@@ -360,6 +363,102 @@ class StreamScorer:
             cols[f"hidden.{k}"].numpy()[srows] = h
         idx = np.concatenate(waves) if len(waves) > 1 else waves[0]
         result.imputed[idx] = np.isnan(values[idx])
+
+    def _sequences(
+        self, waves: list[np.ndarray], loc_of: np.ndarray, values: np.ndarray, ts: np.ndarray, devices: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(order, starts, lengths) when the batch can run as per-device sequences (kernel module's
+        note): every accepted reading fully observed and no gap after a device's first reading."""
+        idx = np.concatenate(waves)
+        if np.isnan(values[idx]).any():
+            return None
+        loc = loc_of[idx]
+        perm = np.argsort(loc, kind="stable")  # wave order within a device = time order
+        order, dev = idx[perm], loc[perm]
+        if self.config.max_gap_s is not None:
+            same = dev[1:] == dev[:-1]
+            if (same & (np.diff(ts[order]) > self.config.max_gap_s)).any():
+                return None
+        lengths = np.bincount(dev, minlength=devices).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return order, starts, lengths
+
+    def _run_sequences(
+        self,
+        plan: tuple[np.ndarray, np.ndarray, np.ndarray],
+        st: np.ndarray,
+        srows: np.ndarray,
+        values: np.ndarray,
+        ts: np.ndarray,
+        mem32: np.ndarray,
+        mem64: np.ndarray,
+        hidden: dict[str, np.ndarray],
+        r: StepResult,
+        logs: list[tuple[np.ndarray, np.ndarray, int]],
+    ) -> None:
+        """Features for every reading, one forecaster call per sequence length, then the scoring
+        components along each sequence (kernel module's note)."""
+        order, starts, lengths = plan
+        n, devices, c = order.size, lengths.size, self.model.config.channels
+        dev_loc = np.arange(devices, dtype=np.int64)
+        feats = np.zeros((devices, int(lengths.max()), self.model.config.input_size), dtype=np.float32)
+        centre, scale = np.empty((n, c)), np.empty((n, c))
+        rec, rec_flags = np.empty((n, c + 2)), np.zeros((n, 3), dtype=np.bool_)
+        undo, undo_n = kernel.undo_log(n, self._writes)
+        logs.append((undo, undo_n, n))
+        common = (
+            st,
+            dev_loc,
+            srows,
+            starts,
+            lengths,
+            order,
+            mem32,
+            mem64,
+            values,
+            ts,
+            self._params,
+            self._offsets,
+        )
+        kernel.sequence_features(*common, feats, centre, scale, rec, rec_flags, undo, undo_n)
+        mean_n = np.empty((devices, feats.shape[1], c), dtype=np.float32)
+        scale_n = np.empty_like(mean_n)
+        gap0 = rec_flags[starts, 0]
+        for length in np.unique(lengths).tolist():
+            devs = np.flatnonzero(lengths == length)
+            state = {}
+            for k, h in hidden.items():
+                h0 = h[devs]
+                h0[gap0[devs]] = 0.0  # a gap reset before the first reading: start afresh
+                state[k] = torch.from_numpy(h0).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(feats[devs, :length])).to(self.device)
+            mean, sc, new = self.model(x, None, state)
+            mean_n[devs, :length] = mean.cpu().numpy()
+            scale_n[devs, :length] = sc.cpu().numpy()
+            for k, h in hidden.items():
+                h[devs] = new[k].cpu().numpy()
+        kernel.sequence_score(
+            *common,
+            self._zs,
+            mean_n,
+            scale_n,
+            centre,
+            scale,
+            rec,
+            rec_flags,
+            r.predicted,
+            r.z,
+            r.raw_score,
+            r.smoothed_score,
+            r.threshold,
+            r.likelihood,
+            r.is_anomaly,
+            r.attribution,
+            r.warming_up,
+            undo,
+            undo_n,
+        )
+        r.gap_reset[order] = rec_flags[:, 0]
 
     def _wave(
         self,
