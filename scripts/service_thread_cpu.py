@@ -1,8 +1,8 @@
 """Per-thread CPU of the service, in-process, while it drains N one-reading messages queued in a
 private Mosquitto, and the wall and CPU time of every ``Engine.apply`` (docs/durability.md):
 
-    .venv/bin/python scripts/service_thread_cpu.py [--messages 30000] [--per-message 1|50] [--switch-interval S]
-        [KEY=VALUE ...]
+    .venv/bin/python scripts/service_thread_cpu.py [--messages 30000] [--per-message 1|50]
+        [--switch-interval S] [KEY=VALUE ...]
 
 KEY=VALUE are service settings (e.g. ``max_wait_ms=20``). A measurement tool, not a test.
 """
@@ -92,7 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=30_000)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval to try")
-    ap.add_argument("--per-message", type=int, default=1, help="readings per message (50: gateway, 200 devices)")
+    ap.add_argument("--per-message", type=int, default=1, help="readings per message (>1: 200 devices)")
     ap.add_argument("settings", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
     extra = dict(s.split("=", 1) for s in args.settings)
@@ -129,7 +129,8 @@ def main() -> int:
     walls = sorted(w for w, _ in applies)
     print(
         f"Engine.apply: {len(applies)} calls ({n / max(len(applies), 1):,.0f} readings each), wall ms "
-        f"p50 {1e3 * walls[len(walls) // 2]:.1f} max {1e3 * walls[-1]:.1f}, CPU {1e3 * sum(c for _, c in applies):,.0f} ms"
+        f"p50 {1e3 * walls[len(walls) // 2]:.1f} max {1e3 * walls[-1]:.1f}, "
+        f"CPU {1e3 * sum(c for _, c in applies):,.0f} ms"
     )
     return 0
 
