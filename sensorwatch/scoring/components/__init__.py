@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +36,26 @@ def _kernel_cache_dir() -> str:
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sensorwatch", "numba"
     )
-    return os.path.join(base, digest.hexdigest()[:16])
+    here = os.path.join(base, digest.hexdigest()[:16])
+    _prune(Path(base), keep=Path(here))
+    return here
+
+
+#: Kernel caches of other source versions unused for this long are removed (a few MB each).
+STALE_CACHE_S = 7 * 86_400
+
+
+def _prune(base: Path, keep: Path) -> None:
+    """Remove the cache directories of other source versions not touched for ``STALE_CACHE_S``."""
+    if os.environ.get("NUMBA_CACHE_DIR") or not base.is_dir():
+        return  # a directory the user chose is theirs to manage
+    now = time.time()
+    for old in base.iterdir():
+        try:
+            if old != keep and old.is_dir() and now - old.stat().st_mtime > STALE_CACHE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue  # another process pruned it first
 
 
 numba.config.CACHE_DIR = _kernel_cache_dir()  # type: ignore[attr-defined]  # before any kernel is defined
