@@ -32,6 +32,7 @@ from sensorwatch.artifacts import (
     resolve,
 )
 from sensorwatch.model.forecaster import BUILTIN_VERSION
+from sensorwatch.scoring import kernel
 from sensorwatch.scoring.batch import Reading, ReadingBatch, StepResult
 from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.scoring.scorer import StreamScorer
@@ -83,6 +84,7 @@ class Engine:
         self.lock = threading.RLock()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+            kernel.set_threads(settings.torch_threads)  # the scoring kernel's threads too
         # The default name falls back to the documented built-in model when no artifact is shipped.
         ref = None if settings.model == DEFAULT_MODEL else settings.model
         model, version = load_default_or_builtin(ref, settings.models_dir, channels=1)

@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         1,
         ge=0,
-        description="Threads torch may use for a scorer step (0: torch's default). One leaves the other "
-        "core to the MQTT network thread and the broker.",
+        description="Threads torch and the scoring kernel may use for a scorer step (0: their defaults). "
+        "One leaves the other core to the MQTT intake and the broker.",
     )
     calibrator: CalibratorName = Field("likelihood", description="Decision rule (see ScorerConfig).")
     likelihood_threshold: float = Field(

@@ -171,9 +171,21 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 PARALLEL_MIN = 4096
 
 
+_threads: int | None = None
+
+
+def set_threads(n: int) -> None:
+    """Run large waves on at most ``n`` of numba's threads (the service: its ``TORCH_THREADS``)."""
+    global _threads
+    _threads = max(1, n)
+
+
 def chunks_for(readings: int) -> int:
     """Chunks (threads) a wave of ``readings`` runs in."""
-    return numba.get_num_threads() if readings >= PARALLEL_MIN else 1
+    if readings < PARALLEL_MIN:
+        return 1
+    threads = numba.get_num_threads()
+    return threads if _threads is None else min(threads, _threads)
 
 
 def writes_per_reading(setup: Setup) -> int:
