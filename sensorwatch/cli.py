@@ -71,7 +71,15 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     gateway = (args.gateway_devices, args.gateway_readings) if args.gateway_devices > 0 else None
     return engine.main(
-        devices, args.json, args.model, args.trials, args.min_seconds, args.models_dir, config, gateway
+        devices,
+        args.json,
+        args.model,
+        args.trials,
+        args.min_seconds,
+        args.models_dir,
+        config,
+        gateway,
+        args.device,
     )
 
 
@@ -105,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-seconds", type=float, default=1.0, help="minimum duration of one timed trial")
     e.add_argument("--gateway-devices", type=int, default=1000, help="devices of the gateway row (0: none)")
     e.add_argument("--gateway-readings", type=int, default=50, help="readings per device per gateway step")
+    e.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the forecaster (e.g. cuda); the scoring kernel and the state stay on the CPU",
+    )
     e.add_argument(
         "--scorer", action="append", metavar="KEY=VALUE", help="override a scorer setting (repeatable)"
     )

@@ -62,7 +62,7 @@ def _batched(
     model: Forecaster, version: str, cfg: ScorerConfig, n: int, trials: int, min_s: float
 ) -> tuple[float, float]:
     cfg = cfg.model_copy(update={"max_devices": max(n, 1)})
-    scorer = StreamScorer(model, cfg, model_version=version)
+    scorer = StreamScorer(model, cfg, model_version=version, device=_device_of(model))
     ids = [f"dev-{i:06d}" for i in range(n)]
     values = np.random.default_rng(0).standard_normal((n, model.config.channels))
     t_base = 1.7e9
@@ -76,13 +76,24 @@ def _batched(
     return _timed(work, trials, min_s, 3)
 
 
+def _device_of(model: Forecaster) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(model: Forecaster) -> None:
+    if _device_of(model).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _ceiling(model: Forecaster, n: int, trials: int, min_s: float) -> float:
     """The bare forecaster over the same ``n`` rows: readings/s of ``Forecaster.step`` alone."""
     feats = torch.randn(n, model.config.input_size, generator=torch.Generator().manual_seed(0))
+    feats = feats.to(_device_of(model))
     box = [model.initial_state(n)]
 
     def work(i: int) -> int:
         _, _, box[0] = model.step(feats, box[0])
+        _sync(model)
         return n
 
     with torch.inference_mode():
@@ -94,7 +105,7 @@ def _gateway(
 ) -> tuple[float, float]:
     """``n`` devices × ``per`` readings each per step (each device's burst contiguous)."""
     cfg = cfg.model_copy(update={"max_devices": max(n, 1)})
-    scorer = StreamScorer(model, cfg, model_version=version)
+    scorer = StreamScorer(model, cfg, model_version=version, device=_device_of(model))
     ids = [f"gw-{i:06d}" for i in range(n) for _ in range(per)]
     c = model.config.channels
     values = np.random.default_rng(1).standard_normal((n * per, c))
@@ -112,12 +123,13 @@ def _gateway(
 def _naive_forward(model: Forecaster, n: int, trials: int, min_s: float) -> float:
     states = {f"dev-{i:06d}": model.initial_state(1) for i in range(min(n, 10_000))}
     ids = list(states)
-    feats = torch.zeros(1, model.config.input_size)
+    dev = _device_of(model)
+    inputs = [torch.full((1, model.config.input_size), float(k), device=dev) for k in range(7)]
 
     def work(i: int) -> int:
         d = ids[i % len(ids)]
-        feats[0, 0] = float(i % 7)
-        _, _, states[d] = model.step(feats, states[d])
+        _, _, states[d] = model.step(inputs[i % 7], states[d])
+        _sync(model)
         return 1
 
     with torch.inference_mode():
@@ -128,7 +140,7 @@ def _naive_step(
     model: Forecaster, version: str, cfg: ScorerConfig, n: int, trials: int, min_s: float
 ) -> float:
     cfg = cfg.model_copy(update={"max_devices": max(n, 1)})
-    scorer = StreamScorer(model, cfg, model_version=version)
+    scorer = StreamScorer(model, cfg, model_version=version, device=_device_of(model))
     ids = [f"dev-{i:06d}" for i in range(min(n, 2_000))]
     vals = np.zeros((1, model.config.channels))
 
@@ -149,10 +161,11 @@ def run(
     models_dir: str | None = None,
     config: ScorerConfig | None = None,
     gateway: tuple[int, int] | None = (1000, 50),
+    device: str = "cpu",
 ) -> dict[str, Any]:
     cfg = config or ScorerConfig()
     model, version = load_default_or_builtin(model_ref, models_dir, channels)
-    model.eval()
+    model = model.to(device).eval()
     rows = []
     for n in devices:
         rate, step_ms = _batched(model, version, cfg, n, trials, min_s)
@@ -202,6 +215,7 @@ def run(
         },
         "scorer_overrides": cfg.model_dump(exclude_defaults=True),
         "torch_threads": torch.get_num_threads(),
+        "device": device,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "processor": platform.processor(),
@@ -234,6 +248,7 @@ def main(
     models_dir: str | None = None,
     config: ScorerConfig | None = None,
     gateway: tuple[int, int] | None = (1000, 50),
+    device: str = "cpu",
 ) -> int:
     print(HEADER, flush=True)
     report = run(
@@ -244,6 +259,7 @@ def main(
         models_dir=models_dir,
         config=config,
         gateway=gateway,
+        device=device,
     )
     text = json.dumps(report, indent=2)
     if json_out:  # written before anything else is printed: a closed stdout must not lose it
