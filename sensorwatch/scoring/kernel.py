@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numba
 import numpy as np
@@ -881,25 +882,34 @@ def store_predictions(st, loc, offsets, mean_n, scale_n, centre, scale) -> None:
         forecast_c.store_prediction(st[loc[i]], ofs.forecast, mean_n[i], scale_n[i], centre[i], scale[i])
 
 
-def warm() -> None:
-    """Compile (or load from numba's on-disk cache) every kernel: a small and a parallel-sized wave
-    through the default scorer and through a seasonal, threshold-calibrated one."""
+def warm(pairs: list[tuple[Any, Any]] | None = None) -> None:
+    """Compile, or load from numba's on-disk cache, every kernel a scorer uses — one-reading waves, a
+    parallel-sized wave, sequences, several waves — on scratch scorers of each (model, ScorerConfig)
+    of ``pairs`` (default: a small default-config model and a seasonal threshold-calibrated one).
+    Loading takes ~0.5 s per process: the service does it before it reports ready."""
     from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
     from sensorwatch.scoring.batch import ReadingBatch
     from sensorwatch.scoring.config import ScorerConfig
     from sensorwatch.scoring.scorer import StreamScorer
 
-    for model, cfg in (
-        (Forecaster(ForecasterConfig(hidden_size=4)), ScorerConfig()),
-        (Forecaster(ForecasterConfig(hidden_size=4, seasonal=True)), ScorerConfig(calibrator="threshold")),
-    ):
-        scorer = StreamScorer(model, cfg)
+    if pairs is None:
+        pairs = [
+            (Forecaster(ForecasterConfig(hidden_size=4)), ScorerConfig()),
+            (
+                Forecaster(ForecasterConfig(hidden_size=4, seasonal=True)),
+                ScorerConfig(calibrator="threshold"),
+            ),
+        ]
+    for model, cfg in pairs:
+        scorer = StreamScorer(model, cfg.model_copy(update={"max_devices": PARALLEL_MIN}), device="cpu")
+        c = model.config.channels
         for n in (3, PARALLEL_MIN):
             ids = [f"warm-{i}" for i in range(n)]
             for k in range(2):
-                scorer.step(ReadingBatch(ids, np.full(n, 1e9 + 60.0 * k), np.ones((n, 1))))
-        scorer.step(ReadingBatch(["warm-0", "warm-0"], [2e9, 2e9 + 1], [[1.0], [2.0]]))  # sequences
-        scorer.step(ReadingBatch(["warm-0", "warm-0"], [3e9, 3e9 + 1e6], [[1.0], [2.0]]))  # two waves (a gap)
+                scorer.step(ReadingBatch(ids, np.full(n, 1e9 + 60.0 * k), np.ones((n, c))))
+        two = np.ones((2, c))
+        scorer.step(ReadingBatch(["warm-0", "warm-0"], [2e9, 2e9 + 1], two))  # sequences
+        scorer.step(ReadingBatch(["warm-0", "warm-0"], [3e9, 3e9 + 1e6], two))  # two waves (a gap)
 
 
 if __name__ == "__main__":
