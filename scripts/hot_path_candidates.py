@@ -55,8 +55,7 @@ def kernel_call(n: int) -> Callable[[], object]:
         undo_n[:] = 0
         kernel.wave(
             st, rows, mem32, mem64, rows, rows, batch.values, batch.ts, scorer._params, scorer._offsets,
-            scorer._zs, feats, centre, scale, gaps, r.predicted, r.z, r.raw_score, r.smoothed_score,
-            r.threshold, r.likelihood, r.is_anomaly, r.attribution, r.warming_up, undo, undo_n,
+            scorer._zs, feats, centre, scale, gaps, undo, undo_n, *kernel.outputs(r),
         )  # fmt: skip
 
     return call

@@ -158,6 +158,16 @@ def params(setup: Setup, features: int) -> np.ndarray:
     return rec
 
 
+def outputs(result: Any) -> tuple[np.ndarray, ...]:
+    """The columns of a :class:`~sensorwatch.scoring.batch.StepResult` the kernels fill, in the order
+    of their ``out`` argument."""
+    r = result
+    return (
+        r.predicted, r.z, r.raw_score, r.smoothed_score, r.threshold, r.likelihood, r.is_anomaly,
+        r.attribution, r.warming_up,
+    )  # fmt: skip
+
+
 def undo_log(readings: int, per_reading: int, chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Room for the memory writes of one wave: (store, row, column, old value) rows, and a count
     per chunk."""
@@ -267,23 +277,17 @@ def wave(
     centre,
     scale,
     gaps,
-    out_predicted,
-    out_z,
-    out_raw,
-    out_smoothed,
-    out_threshold,
-    out_likelihood,
-    out_anomaly,
-    out_attribution,
-    out_warming,
     undo,
     undo_n,
+    *out,
 ) -> None:
     """Score the readings ``sel`` (batch positions) of one wave and build their model inputs.
 
     Reading ``i`` is ``xs[sel[i]]`` at ``tss[sel[i]]`` of the device whose state row is
     ``st[loc[i]]`` and memory row ``srow[i]``. Fills ``feats[i]`` (float32), ``centre[i]``,
-    ``scale[i]`` (normalised → raw units), ``gaps[i]`` and the ``out_*`` columns at ``sel[i]``.
+    ``scale[i]`` (normalised → raw units), ``gaps[i]`` and, at ``sel[i]``, the output columns
+    ``out`` = (predicted, z, raw score, smoothed score, threshold, likelihood, is_anomaly,
+    attribution, warming up) — :func:`outputs` of a result.
     ``params``/``offsets`` are one-element :data:`PARAMS` / ``components.OFFSETS`` arrays; memory
     writes are logged in ``undo`` (``undo_n`` (1,) counts them).
     """
@@ -305,17 +309,9 @@ def wave(
         centre,
         scale,
         gaps,
-        out_predicted,
-        out_z,
-        out_raw,
-        out_smoothed,
-        out_threshold,
-        out_likelihood,
-        out_anomaly,
-        out_attribution,
-        out_warming,
         undo,
         undo_n[0:1],
+        out,
     )
 
 
@@ -336,17 +332,9 @@ def wave_parallel(
     centre,
     scale,
     gaps,
-    out_predicted,
-    out_z,
-    out_raw,
-    out_smoothed,
-    out_threshold,
-    out_likelihood,
-    out_anomaly,
-    out_attribution,
-    out_warming,
     undo,
     undo_n,
+    *out,
 ) -> None:
     """:func:`wave` split into ``undo_n.size`` chunks run on numba's threads; chunk ``t`` (readings
     ``t·n/T … (t+1)·n/T``) logs its memory writes in its own part of ``undo`` (from row
@@ -374,17 +362,9 @@ def wave_parallel(
             centre,
             scale,
             gaps,
-            out_predicted,
-            out_z,
-            out_raw,
-            out_smoothed,
-            out_threshold,
-            out_likelihood,
-            out_anomaly,
-            out_attribution,
-            out_warming,
             undo[a * per : b * per],
             undo_n[t : t + 1],
+            out,
         )
 
 
@@ -407,17 +387,9 @@ def _score_range(
     centre,
     scale,
     gaps,
-    out_predicted,
-    out_z,
-    out_raw,
-    out_smoothed,
-    out_threshold,
-    out_likelihood,
-    out_anomaly,
-    out_attribution,
-    out_warming,
     undo,
     undo_n,
+    out,
 ) -> None:
     """Readings ``first … last`` of a wave: bookkeeping, scoring, features, per reading."""
     P, ofs = params[0], offsets[0]
@@ -455,17 +427,9 @@ def _score_range(
             f64,
             flags,
             e_thr,
-            out_predicted,
-            out_z,
-            out_raw,
-            out_smoothed,
-            out_threshold,
-            out_likelihood,
-            out_anomaly,
-            out_attribution,
-            out_warming,
             undo,
             undo_n,
+            out,
         )
         _features(
             row,
@@ -514,22 +478,16 @@ def _score(
     f64,
     flags,
     e_thr,
-    out_predicted,
-    out_z,
-    out_raw,
-    out_smoothed,
-    out_threshold,
-    out_likelihood,
-    out_anomaly,
-    out_attribution,
-    out_warming,
     undo,
     undo_n,
+    out,
 ):
     """Every scoring component for one reading, in order; fills its outputs at batch position ``b`` and
     returns its likelihood. ``dt_count``/``dt_log_mean``/``norm_scale``: the normaliser before this
     reading. ``f64`` rows 0–4 and ``flags`` rows 0–3 are scratch."""
     c = x.size
+    (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
+     out_attribution, out_warming) = out  # fmt: skip
     z, attr, sx_z, sx_attr, ref = f64[0], f64[1], f64[2], f64[3], f64[4]
     scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
     of, ol = ofs.forecast, ofs.likelihood
@@ -800,17 +758,9 @@ def sequence_score(
     scale,
     rec,
     rec_flags,
-    out_predicted,
-    out_z,
-    out_raw,
-    out_smoothed,
-    out_threshold,
-    out_likelihood,
-    out_anomaly,
-    out_attribution,
-    out_warming,
     undo,
     undo_n,
+    *out,
 ) -> None:
     """Phase 2: the scoring components over each device's sequence; ``mean_n[d, t]``/``scale_n[d, t]``
     is the forecast made at step t (of step t + 1), stored before step t + 1 is scored and, for the
@@ -855,17 +805,9 @@ def sequence_score(
                 f64,
                 flags,
                 e_thr,
-                out_predicted,
-                out_z,
-                out_raw,
-                out_smoothed,
-                out_threshold,
-                out_likelihood,
-                out_anomaly,
-                out_attribution,
-                out_warming,
                 undo,
                 undo_n,
+                out,
             )
             if has_pred:
                 row[oc.last_likelihood] = likelihood
@@ -903,7 +845,8 @@ def warm(pairs: list[tuple[Any, Any]] | None = None) -> None:
     for model, cfg in pairs:
         scorer = StreamScorer(model, cfg.model_copy(update={"max_devices": PARALLEL_MIN}), device="cpu")
         c = model.config.channels
-        for n in (3, PARALLEL_MIN):
+        # A parallel-sized wave only where large waves run in parallel (not in the service by default).
+        for n in (3, PARALLEL_MIN) if chunks_for(PARALLEL_MIN) > 1 else (3,):
             ids = [f"warm-{i}" for i in range(n)]
             for k in range(2):
                 scorer.step(ReadingBatch(ids, np.full(n, 1e9 + 60.0 * k), np.ones((n, c))))

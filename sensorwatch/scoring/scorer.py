@@ -446,17 +446,9 @@ class StreamScorer:
             scale,
             rec,
             rec_flags,
-            r.predicted,
-            r.z,
-            r.raw_score,
-            r.smoothed_score,
-            r.threshold,
-            r.likelihood,
-            r.is_anomaly,
-            r.attribution,
-            r.warming_up,
             undo,
             undo_n,
+            *kernel.outputs(r),
         )
         r.gap_reset[order] = rec_flags[:, 0]
 
@@ -499,17 +491,9 @@ class StreamScorer:
             centre,
             scale,
             gaps,
-            r.predicted,
-            r.z,
-            r.raw_score,
-            r.smoothed_score,
-            r.threshold,
-            r.likelihood,
-            r.is_anomaly,
-            r.attribution,
-            r.warming_up,
             undo,
             undo_n,
+            *kernel.outputs(r),
         )
         # The wave's rows of the working copy: all of it, in order, for a batch of distinct devices.
         whole = n == st.shape[0] and bool((loc == np.arange(n)).all())

@@ -35,28 +35,15 @@ from sensorwatch.artifacts import load_model
 from sensorwatch.evaluation.nab import load_corpus
 from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
 from sensorwatch.simulate import Fleet
+from tests.engine.helpers import ARRAY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 MODELS = ROOT / "models"
 
-#: Every per-reading array of a StepResult that is compared.
-COLUMNS = (
-    "accepted",
-    "reason",
-    "predicted",
-    "z",
-    "raw_score",
-    "smoothed_score",
-    "threshold",
-    "likelihood",
-    "is_anomaly",
-    "attribution",
-    "warming_up",
-    "gap_reset",
-    "imputed",
-)
+#: Every per-reading array of a StepResult that is compared (the batch's own timestamps aside).
+COLUMNS = tuple(c for c in ARRAY_COLUMNS if c != "ts")
 
 Batches = Iterator[ReadingBatch]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from hypothesis import HealthCheck
 
 from sensorwatch import ReadingBatch, StepResult, StreamScorer
 
@@ -23,6 +24,8 @@ BOOL_COLUMNS = ("is_anomaly", "warming_up", "gap_reset", "imputed", "accepted")
 ARRAY_COLUMNS = ("ts", "reason", *NUMERIC_TOL, *BOOL_COLUMNS)
 
 T0 = 1_700_000_000.0
+#: Health checks the hypothesis contract tests suppress (fixtures per example, slow scorers, big data).
+SUPPRESSED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
 def assert_close(name: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float | np.ndarray) -> None:

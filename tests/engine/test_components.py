@@ -18,12 +18,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 
 from sensorwatch import CALIBRATORS, ReadingBatch, StreamScorer
 from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
 from sensorwatch.scoring.components import COMPONENTS
-from tests.engine.helpers import assert_results_match, channel_magnitude, random_history, step_in_chunks
+from tests.engine.helpers import (
+    SUPPRESSED,
+    assert_results_match,
+    channel_magnitude,
+    random_history,
+    step_in_chunks,
+)
 from tests.engine.test_contract import Interleaving, interleavings
 
 #: Every configuration the README offers: each optional component off (or on, if off by default),
@@ -97,11 +103,7 @@ def test_state_per_device_is_not_larger_than_before_the_components() -> None:
 @settings(
     max_examples=6,
     deadline=None,
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-    ],
+    suppress_health_check=SUPPRESSED,
 )
 @given(case=interleavings())
 def test_every_configuration_is_batching_invariant(

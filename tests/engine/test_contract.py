@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sensorwatch import (
@@ -39,6 +39,7 @@ from sensorwatch import (
 )
 from sensorwatch.scoring.features import featurize_sequence
 from tests.engine.helpers import (
+    SUPPRESSED,
     T0,
     assert_results_match,
     channel_magnitude,
@@ -95,11 +96,7 @@ def interleavings(draw: st.DrawFn) -> Interleaving:
 @settings(
     max_examples=25,
     deadline=None,
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-    ],
+    suppress_health_check=SUPPRESSED,
 )
 @given(case=interleavings())
 def test_batching_invariance(cell, calibrator, make_model, small_config, case: Interleaving) -> None:
