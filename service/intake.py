@@ -34,6 +34,7 @@ the parent decides). When the child dies, the parent's ``failure`` says so and `
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -413,7 +414,10 @@ def main(argv: list[str]) -> int:
     except (EOFError, OSError):
         return 0
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[intake]: %(message)s")
-    _Child(settings, commands, events).run()
+    child = _Child(settings, commands, events)
+    gc.collect()
+    gc.freeze()  # as the service does (runtime.freeze_heap): start-up objects out of the GC's sight
+    child.run()
     return 0
 
 

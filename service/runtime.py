@@ -4,6 +4,7 @@ order of start and stop."""
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import sys
 import threading
@@ -40,6 +41,18 @@ GIL_SWITCH_S = 0.0005
 #: How long after start a message may still be recognised as a redelivery of one applied before a
 #: crash (the broker resends its in-flight messages first thing after we reconnect).
 REDELIVERY_WINDOW_S = 300.0
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (modules, torch, numba's compiled kernels, the recovered state:
+    ~300,000 objects) out of the garbage collector's sight. Without it each collection the cyclic
+    GC runs while intake builds its per-message objects traverses them all: measured with 50-reading
+    gateway messages, unpickling a chunk from the intake process took 100 µs of CPU per message in
+    the service against 5 µs in a bare interpreter, and the service drained 0.6× as fast
+    (docs/durability.md). Objects created later are collected as usual; nothing frozen is freed,
+    which is what long-lived start-up objects are anyway."""
+    gc.collect()
+    gc.freeze()
 
 
 def _nothing() -> None:
@@ -132,6 +145,7 @@ class Service:
         self._redeliveries = self.engine.redelivery_digests()
         self._redeliveries_until = time.monotonic() + REDELIVERY_WINDOW_S
         self.engine.mark_released(r.released_through)
+        freeze_heap()
         self.outputs.start()
         for item in r.unpublished:  # durable already: released first, in order
             self.outputs.put(item.seq, functools.partial(self._republish, item.record, item.result))
