@@ -33,7 +33,7 @@ from sensorwatch.artifacts import (
 )
 from sensorwatch.model.forecaster import BUILTIN_VERSION
 from sensorwatch.scoring import kernel
-from sensorwatch.scoring.batch import Reading, ReadingBatch, StepResult
+from sensorwatch.scoring.batch import Part, Reading, ReadingBatch, StepResult
 from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.scoring.scorer import StreamScorer
 from sensorwatch.state import records as rec
@@ -82,6 +82,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.lock = threading.RLock()
+        self._threads_set = threading.local()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
             kernel.set_threads(settings.torch_threads)  # the scoring kernel's threads too
@@ -179,9 +180,17 @@ class Engine:
         messages: list[rec.MessageMeta],
     ) -> tuple[int, ReadingBatch, StepResult | None]:
         """Build the micro-batch, log it, score it; ``None`` as result when the scorer step failed."""
+        return self.apply_parts([(device_ids, ts, values)], messages)
+
+    def apply_parts(
+        self, parts: Sequence[Part], messages: list[rec.MessageMeta]
+    ) -> tuple[int, ReadingBatch, StepResult | None]:
+        """:meth:`apply` of readings given in parts (one per message or request, as lists or clean
+        arrays: ``ReadingBatch.from_parts``), built under the lock: a model swap changes the channels."""
         with self.lock:
-            batch = ReadingBatch.from_columns(device_ids, ts, values, self.scorer.channel_names)
-            if not device_ids:  # only messages refused whole: no state change, nothing to log
+            self._own_threads()
+            batch = ReadingBatch.from_parts(parts, self.scorer.channel_names)
+            if not len(batch):  # only messages refused whole: no state change, nothing to log
                 return self.applied_seq, batch, self.scorer.step(batch)
             self._now = time.time()
             seq = self._log(rec.BatchRecord(self._now, batch, messages))
@@ -189,6 +198,16 @@ class Engine:
             self.applied_seq = seq
             self.recent.extend(m.digest for m in messages if m.digest)
         return seq, batch, result
+
+    def _own_threads(self) -> None:
+        """Apply ``TORCH_THREADS`` to the calling thread, once per thread: torch's OpenMP thread
+        count is a per-thread setting, so the micro-batcher's steps ran on a team of every core
+        although the engine had set one. Measured: its extra OpenMP worker spun in
+        ``gomp_barrier_wait_end`` between steps, ~95 % of a core at 1,000 live readings/s."""
+        n = self.settings.torch_threads
+        if n and not getattr(self._threads_set, "done", False):
+            torch.set_num_threads(n)
+            self._threads_set.done = True
 
     def _step(self, batch: ReadingBatch) -> StepResult | None:
         try:

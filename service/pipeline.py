@@ -42,8 +42,9 @@ Done = Callable[[StepResult | None, int, int], None]
 
 @dataclass(eq=False, slots=True)
 class Work:
-    """Readings that entered through one door together (an MQTT message, a REST request), as parallel
-    lists in the form they were parsed; a message refused whole has none and says why in ``meta``."""
+    """Readings that entered through one door together (an MQTT message, a REST request): parallel
+    lists in the form they were parsed, or clean arrays (see ``ReadingBatch.from_parts``); a message
+    refused whole has none and says why in ``meta``."""
 
     device_ids: list[str]
     ts: list[Any]
@@ -192,14 +193,8 @@ class MicroBatcher(_Worker):
                 self.outputs.put(self.engine.applied_seq, lambda b=batch: _fail(b))  # type: ignore[misc]
 
     def _score(self, batch: list[Work]) -> None:
-        ids: list[str] = []
-        ts: list[Any] = []
-        values: list[Any] = []
-        for w in batch:
-            ids += w.device_ids
-            ts += w.ts
-            values += w.values
-        seq, _, result = self.engine.apply(ids, ts, values, [w.meta for w in batch])
+        parts = [(w.device_ids, w.ts, w.values) for w in batch if w.device_ids]
+        seq, _, result = self.engine.apply_parts(parts, [w.meta for w in batch])
         self._count(batch, result)
         self.outputs.put(seq, lambda: _release(batch, result))
 

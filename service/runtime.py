@@ -16,7 +16,7 @@ from sensorwatch import faults
 from sensorwatch.scoring.batch import StepResult
 from sensorwatch.state.records import MessageMeta
 from service.engine import REDELIVERY_WINDOW, Engine, Recovery
-from service.intake import IntakeProcess, ParsedMessage, Parser
+from service.intake import IntakeProcess, ParsedMessage, Parser, decode_chunk, encode_chunk
 from service.metrics import Metrics
 from service.mqtt import RECEIVE_MAXIMUM, MqttAdapter
 from service.payloads import anomaly_event, deadletter, dumps, event_id, records_to_publish, rejection_id
@@ -106,7 +106,9 @@ class Service:
         elif settings.mqtt_url:
             parse = Parser(settings)
             self.mqtt = MqttAdapter(
-                settings, lambda msg: self._on_mqtt_messages([parse(msg)]), self._on_mqtt_change
+                settings,
+                lambda msg: self._on_mqtt_messages(decode_chunk(encode_chunk([parse(msg)]))),
+                self._on_mqtt_change,
             )
         if self.mqtt is not None:
             # A batch's outcomes are handed to paho, then its record is marked; it counts as released

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -156,6 +157,115 @@ class ReadingBatch:
             if reason is not None:
                 reject[i] = reason.value
         return cls(device_ids, ts_out, values_out, reject)
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[Part], channel_names: Sequence[str]) -> ReadingBatch:
+        """One batch of readings given in parts, in order. A part is three parallel sequences: lists
+        as parsed (validated as :meth:`from_columns` does), or **clean arrays** — ``ts`` (n,) and
+        ``values`` (n, k) float64 that :func:`clean_columns` made from readings of the common shape,
+        so only their width is left to check (a width other than C: ``wrong_channel_count``, as the
+        lists would get).
+
+        >>> ts, vals = np.array([1.0, 2.0]), np.array([[1.5], [2.5]])
+        >>> b = ReadingBatch.from_parts([(["a", "a"], ts, vals), (["b"], [3], [[1, 2]])], ("t",))
+        >>> b.values.tolist(), b.reject.tolist()
+        ([[1.5], [2.5], [nan]], [None, None, 'wrong_channel_count'])
+        """
+        c = len(channel_names)
+        ids = list(chain.from_iterable(p[0] for p in parts))
+        if all(type(p[1]) is np.ndarray and p[2].shape[1] == c for p in parts):  # the common case
+            if not parts:
+                return cls([], np.empty(0), np.empty((0, c)))
+            return cls(ids, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+        n = len(ids)
+        ts, values = np.empty(n), np.full((n, c), np.nan)
+        reject = np.full(n, None, dtype=object)
+        start = 0
+        for part_ids, part_ts, part_values in _runs(parts):
+            stop = start + len(part_ids)
+            if type(part_ts) is np.ndarray:
+                ts[start:stop] = part_ts
+                if part_values.shape[1] == c:
+                    values[start:stop] = part_values
+                else:
+                    reject[start:stop] = RejectReason.WRONG_CHANNEL_COUNT.value
+            else:
+                run = cls.from_columns(list(part_ids), part_ts, part_values, channel_names)
+                ts[start:stop], values[start:stop], reject[start:stop] = run.ts, run.values, run.reject
+            start = stop
+        return cls(ids, ts, values, reject)
+
+
+#: Readings of one door's message or request: device ids, timestamps, values (see ``from_parts``).
+Part = tuple[Sequence[str], Any, Any]
+
+
+def _runs(parts: Sequence[Part]) -> list[Part]:
+    """``parts`` with consecutive list parts joined (one :meth:`ReadingBatch.from_columns` each)."""
+    out: list[Part] = []
+    pending: tuple[list[Any], list[Any], list[Any]] | None = None
+    for p in parts:
+        if type(p[1]) is np.ndarray:
+            if pending is not None:
+                out.append(pending)
+                pending = None
+            out.append(p)
+            continue
+        if pending is None:
+            pending = ([], [], [])
+        pending[0].extend(p[0])
+        pending[1].extend(p[1])
+        pending[2].extend(p[2])
+    if pending is not None:
+        out.append(pending)
+    return out
+
+
+#: Timestamps at or beyond 2**53 in magnitude are left to the per-reading path (an integer there
+#: would not be exact as a float).
+_TS_LIMIT = 2.0**53
+#: Integer values at or beyond this are left to the per-reading path (``value_too_large`` there).
+_VALUE_LIMIT = 1.7e308
+
+
+def clean_columns(ts: list[Any], values: list[Any]) -> tuple[list[Any], list[Any], int] | None:
+    """``(ts, flat values, width)`` when every reading has the common shape — a finite numeric
+    timestamp below 2**53 and a list of the same number of numbers (NaN allowed, no None, no bool) —
+    else None. What this accepts, :meth:`ReadingBatch.from_columns` accepts with the same numbers,
+    so the intake can send such readings as arrays (``np.array(ts)``, ``np.array(flat).reshape(n,
+    width)``) and skip the per-reading checks; anything else goes the per-reading way. Every check
+    runs in C (``map``, ``set``, ``min``/``max``/``sum``).
+
+    >>> clean_columns([1, 2.5], [[1.0, 2], [3.0, 4.0]])
+    ([1, 2.5], [1.0, 2, 3.0, 4.0], 2)
+    >>> clean_columns([1, True], [[1.0], [2.0]]), clean_columns([1], [[None]]), clean_columns([1], [{"a": 1}])
+    (None, None, None)
+    """
+    if not ts or not set(map(type, ts)) <= _NUMBERS:
+        return None
+    # Bounds first (an int compares exactly with a float, whatever its size); then a NaN the bounds
+    # let through makes the sum NaN, and ``total - total`` is not 0.
+    if not (min(ts) > -_TS_LIMIT and max(ts) < _TS_LIMIT):
+        return None
+    total = sum(ts)
+    if total - total != 0:
+        return None
+    if set(map(type, values)) != _LIST:
+        return None
+    width = len(values[0])
+    if set(map(len, values)) != {width}:
+        return None
+    flat = list(chain.from_iterable(values))
+    kinds = set(map(type, flat))
+    if not kinds <= _NUMBERS:
+        return None
+    if int in kinds and not (min(flat) > -_VALUE_LIMIT and max(flat) < _VALUE_LIMIT):
+        return None  # an integer beyond float range: the per-reading path says value_too_large
+    return ts, flat, width
+
+
+_NUMBERS = frozenset((float, int))
+_LIST = {list}
 
 
 def _parse_values(

@@ -1,5 +1,6 @@
-"""Smoke run of ``sensorwatch bench e2e``: it measures both workloads and the latency, and every reading
-it published got an outcome. No speed is asserted: machines are noisy."""
+"""Smoke run of ``sensorwatch bench e2e``: it measures both workloads and both latencies (probes; every
+score published), and every reading it published got an outcome. No speed is asserted: machines are
+noisy."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def test_bench_e2e_quick_run(tmp_path: Path) -> None:
         assert run["service"]["rejected"] == 0, "the bench's readings must all be scored"
         assert 0 < run["service"]["window_fraction"] <= 1
 
-    lat = report["latency"]
-    assert lat["published"] > 0
-    assert lat["matched"] == lat["published"], "a live reading's score never arrived"
-    assert 0 < lat["p50_ms"] <= lat["p99_ms"]
-    assert "latency at" in proc.stdout  # the table was printed
+    for key, timed in (("latency", "probes"), ("latency_scores", "scores")):
+        lat = report[key]
+        assert lat["timed"] == timed
+        assert lat["published"] > 0
+        assert lat["matched"] == lat["published"], f"a live reading's outcome never arrived ({timed})"
+        assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+    assert "latency (1 in 20 a probe) at" in proc.stdout  # the table was printed
