@@ -77,7 +77,7 @@ def _add_bench_e2e(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--messages", type=int, help="one-reading messages per run (default 30000)")
-    e.add_argument("--gateway-messages", type=int, help="50-reading gateway messages per run (default 2000)")
+    e.add_argument("--gateway-messages", type=int, help="50-reading gateway messages per run (default 10000)")
     e.add_argument("--devices", type=int, help="devices of the one-reading workload (default 1000)")
     e.add_argument("--gateway-devices", type=int, help="devices of the gateway workload (default 200)")
     e.add_argument("--runs", type=int, default=3, help="runs per workload (medians are reported)")
