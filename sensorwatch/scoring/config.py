@@ -97,6 +97,13 @@ class ScorerConfig(BaseModel):
         "Off by default: on heavy-tailed real series every large residual becomes an alert (NAB −64 "
         "measured offline).",
     )
+    spike_z: float | None = Field(
+        5.0,
+        gt=0,
+        description="After warm-up, a reading whose forecast residual on any channel is at least this many "
+        "robust standard deviations of the device's own residuals is an anomaly at that reading: a hard "
+        "hit of the decision, not of the likelihood (NAB scores the likelihood). None disables it.",
+    )
     range_warmup: int = Field(
         300, ge=0, description="Readings a device must have before the range check is armed."
     )

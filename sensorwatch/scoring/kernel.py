@@ -35,6 +35,7 @@ from sensorwatch.scoring.components import normaliser as normaliser_c
 from sensorwatch.scoring.components import point as point_c
 from sensorwatch.scoring.components import range_check as range_c
 from sensorwatch.scoring.components import seasonal_check as seasonal_c
+from sensorwatch.scoring.components import spike_check as spike_c
 from sensorwatch.scoring.components import stuck_check as stuck_c
 from sensorwatch.scoring.components import threshold as threshold_c
 from sensorwatch.scoring.components.common import (
@@ -72,6 +73,8 @@ PARAMS = np.dtype(
         ("range_check", np.bool_),
         ("range_margin", np.float64),
         ("range_warmup", np.float64),
+        ("spike_check", np.bool_),
+        ("spike_z", np.float64),
         ("point_likelihood", np.bool_),
         ("stuck_check", np.bool_),
         ("stuck_cut", np.float64),
@@ -126,6 +129,8 @@ def params(setup: Setup, features: int) -> np.ndarray:
         "range_check": cfg.range_margin is not None,
         "range_margin": cfg.range_margin or 0.0,
         "range_warmup": cfg.range_warmup,
+        "spike_check": cfg.spike_z is not None,
+        "spike_z": cfg.spike_z or 0.0,
         "point_likelihood": cfg.point_likelihood,
         "stuck_check": cfg.stuck_check,
         "stuck_cut": math.log1p(-cfg.likelihood_threshold),
@@ -484,17 +489,28 @@ def _score(
 ):
     """Every scoring component for one reading, in order; fills its outputs at batch position ``b`` and
     returns its likelihood. ``dt_count``/``dt_log_mean``/``norm_scale``: the normaliser before this
-    reading. ``f64`` rows 0–4 and ``flags`` rows 0–3 are scratch."""
+    reading. ``f64`` rows 0–5 and ``flags`` rows 0–3 are scratch."""
     c = x.size
     (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
      out_attribution, out_warming) = out  # fmt: skip
-    z, attr, sx_z, sx_attr, ref = f64[0], f64[1], f64[2], f64[3], f64[4]
+    z, attr, sx_z, sx_attr, ref, resid = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
     scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
     of, ol = ofs.forecast, ofs.likelihood
     armed = not warming
     # forecast residuals on the device's own scale, and their raw score
     forecast_c.residuals(
-        row, of, x, observed, has_pred, armed, norm_scale, P.recalibrate, P.recalibrate_window, z, scored
+        row,
+        of,
+        x,
+        observed,
+        has_pred,
+        armed,
+        norm_scale,
+        P.recalibrate,
+        P.recalibrate_window,
+        z,
+        scored,
+        resid,
     )
     raw = raw_score(z, scored, P.score_c, attr)
     # seasonal check: its own residuals and raw score
@@ -551,6 +567,9 @@ def _score(
             row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin
         )
     hard = out_of_range
+    if P.spike_check:
+        spike = spike_c.hit(row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window)
+        hard = hard or spike  # the decision's, not the likelihood's
     if P.stuck_check:
         log_stuck = stuck_c.log_tail(row, ofs.stuck_check, x, observed, P.norm_window)
         if not armed:

@@ -27,7 +27,9 @@ def test_likelihood_is_exact_below_eight_digits_and_never_saturates() -> None:
 def _episode(alert_filter: bool, flags: list[bool] | None = None) -> list[float]:
     """Likelihoods of a noisy series with a sustained deviation (readings 200–209) through the scorer
     (built-in model, only the forecast likelihood speaking)."""
-    cfg = ScorerConfig(alert_filter=alert_filter, stuck_check=False, range_margin=None, seasonal_check=False)
+    cfg = ScorerConfig(
+        alert_filter=alert_filter, stuck_check=False, range_margin=None, seasonal_check=False, spike_z=None
+    )
     scorer = StreamScorer.builtin(config=cfg)
     rng = np.random.default_rng(1)
     x = rng.standard_normal(300)

@@ -71,6 +71,7 @@ from sensorwatch.scoring.components import (
     normaliser,
     range_check,
     seasonal_check,
+    spike_check,
     stuck_check,
     threshold,
 )
@@ -84,6 +85,7 @@ COMPONENTS: tuple[ModuleType, ...] = (
     seasonal_check,
     likelihood,
     range_check,
+    spike_check,
     stuck_check,
     alert_filter,
     threshold,

@@ -5,7 +5,7 @@
   before filtering, continues the episode);
 * calibrator ``threshold``: smoothed score above the dynamic threshold ε;
 
-either way a *hard* hit (range check, a stuck run past the cut) is an anomaly for as long as it
+either way a *hard* hit (range check, spike check, a stuck run past the cut) is an anomaly for as long as it
 lasts, and nothing is one while warming up or without a prediction.
 """
 

@@ -35,14 +35,18 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def residuals(row, o, x, observed, has_pred, learn, norm_scale, recalibrate, window, z, scored) -> None:
-    """Fill ``z`` (C,) and ``scored`` (C,: observed and predicted); learn the RMS where ``learn``."""
+def residuals(row, o, x, observed, has_pred, learn, norm_scale, recalibrate, window, z, scored, e) -> None:
+    """Fill ``z`` (C,), ``scored`` (C,: observed and predicted) and ``e`` (C,: the residual in units
+    of the model's predicted scale, not recalibrated — ``e_rel / normaliser std`` — 0 where not
+    scored); learn the RMS where ``learn``."""
     for j in range(x.size):
         scored[j] = observed[j] and has_pred
         if not scored[j]:
             z[j] = 0.0
+            e[j] = 0.0
             continue
-        e_rel = (x[j] - row[o.pred_mean + j]) / row[o.pred_scale + j]
+        e[j] = x[j] - row[o.pred_mean + j]
+        e_rel = e[j] / row[o.pred_scale + j]
         if not recalibrate:
             z[j] = e_rel / norm_scale[j]
             continue

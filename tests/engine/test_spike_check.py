@@ -1,0 +1,86 @@
+"""The spike check (issue #12's six-spike sine): an isolated spike far outside the device's own
+residuals is an anomaly at its own reading from the end of warm-up on, the reading after it (the
+forecaster's echo) is not, a clean series raises nothing, and the likelihood — what NAB scores — is
+exactly what it is without the check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sensorwatch import ReadingBatch, ScorerConfig, StreamScorer
+from sensorwatch.artifacts import load_default_or_builtin
+
+SPIKES = [100, 150, 250, 400, 700, 1200]
+ROWS, NOISE = 1500, 0.2
+TS = 1_767_225_600.0 + 1800.0 * np.arange(ROWS)  # 48 readings a day
+
+
+def sine(seed: int, spike: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = 3.0 * np.sin(2 * np.pi * np.arange(ROWS) / 48) + NOISE * rng.standard_normal(ROWS)
+    x[SPIKES] += spike * NOISE
+    return x
+
+
+def run(
+    x: np.ndarray, config: ScorerConfig | None = None, model: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row by row, as a device streams: (is_anomaly, likelihood)."""
+    m, version = load_default_or_builtin(model, None, 1)
+    scorer = StreamScorer(m, config or ScorerConfig(), model_version=version)
+    flags, lik = np.zeros(ROWS, dtype=bool), np.zeros(ROWS)
+    for i in range(ROWS):
+        r = scorer.step(ReadingBatch(["d"], TS[i : i + 1], x[i : i + 1, None]))
+        flags[i], lik[i] = r.is_anomaly[0], r.likelihood[0]
+    return flags, lik
+
+
+@pytest.mark.parametrize("model", [None, "builtin"])
+@pytest.mark.parametrize("size", [30.0, 75.0])
+def test_every_spike_is_an_anomaly_at_its_own_reading(size: float, model: str | None) -> None:
+    for seed in range(2):
+        x = sine(seed, size)
+        flags, _ = run(x, model=model)
+        assert flags[SPIKES].all(), [s for s in SPIKES if not flags[s]]
+        # Nothing else is the check's: every other alert is the likelihood's own (the echo of a spike
+        # is not a second one).
+        without, _ = run(x, ScorerConfig(spike_z=None), model=model)
+        added = set(np.flatnonzero(flags & ~without).tolist()) - set(SPIKES)
+        assert not added, sorted(added)
+
+
+def test_a_clean_series_raises_no_alert_after_warm_up() -> None:
+    warmup = ScorerConfig().warmup
+    for seed in range(3):
+        flags, _ = run(sine(seed))
+        assert not flags[warmup:].any(), np.flatnonzero(flags)
+
+
+def test_the_check_leaves_the_likelihood_alone() -> None:
+    """NAB scores the likelihood column: the spike check is the decision's, not the likelihood's."""
+    x = sine(0, 75.0)
+    flags_on, lik_on = run(x)
+    flags_off, lik_off = run(x, ScorerConfig(spike_z=None))
+    np.testing.assert_array_equal(lik_on, lik_off)
+    assert flags_on[SPIKES].all()
+    assert not flags_off[SPIKES].all()  # without it most of them are missed (the issue's finding)
+
+
+def test_a_spike_during_warm_up_does_not_blunt_the_check() -> None:
+    """The check's unit learns from warm-up on, with outliers clipped: a huge spike it cannot flag yet
+    (warm-up) does not hide a later one."""
+    x = sine(1)
+    x[30] += 500 * NOISE
+    x[300] += 30 * NOISE
+    flags, _ = run(x)
+    assert not flags[30]  # warming up: nothing is an anomaly
+    assert flags[300]
+
+
+def test_a_level_shift_is_one_spike_at_its_onset() -> None:
+    x = sine(2)
+    x[600:] += 30 * NOISE
+    flags, _ = run(x, ScorerConfig(range_margin=None))
+    assert flags[600]
+    assert flags[601:640].sum() <= 3, np.flatnonzero(flags[601:640]) + 601
