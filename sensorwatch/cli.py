@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sensorwatch.scoring.batch import ReadingBatch
-from sensorwatch.scoring.config import CALIBRATORS, ScorerConfig, config_with
+from sensorwatch.scoring.config import CALIBRATORS, config_with
 
 
 def _score_csv(args: argparse.Namespace) -> int:
@@ -29,7 +29,12 @@ def _score_csv(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        scorer = StreamScorer(model, ScorerConfig(calibrator=args.calibrator), model_version=version)
+        try:
+            config = config_with(args.scorer, calibrator=args.calibrator)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        scorer = StreamScorer(model, config, model_version=version)
         out = open_out(args.out)
         writer = csv.writer(out)
         n = anomalies = rejected = 0
@@ -98,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models-dir", default=None, help="models directory (default: ./models)")
     s.add_argument("--calibrator", choices=CALIBRATORS, default="likelihood")
     s.add_argument("--device-id", default="csv")
+    s.add_argument(
+        "--scorer",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any ScorerConfig setting, repeatable (e.g. spike_z=7, range_margin=none), as for evaluate",
+    )
     s.set_defaults(func=_score_csv)
 
     b = sub.add_parser("bench", help="benchmarks")

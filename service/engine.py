@@ -34,13 +34,13 @@ from sensorwatch.artifacts import (
 from sensorwatch.model.forecaster import BUILTIN_VERSION
 from sensorwatch.scoring import kernel
 from sensorwatch.scoring.batch import Part, Reading, ReadingBatch, StepResult
-from sensorwatch.scoring.config import ScorerConfig
+from sensorwatch.scoring.config import config_with
 from sensorwatch.scoring.scorer import StreamScorer
 from sensorwatch.state import records as rec
 from sensorwatch.state.store import DeviceStateStore, StateIncompatibleError
 from sensorwatch.state.wal import WalCorruptError, WriteAheadLog
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, scorer_items
 
 log = logging.getLogger("sensorwatch.service")
 
@@ -93,7 +93,8 @@ class Engine:
         self.model_name, self.model_ref = _split_ref(version)
         self.sha256 = _sha_of(version, settings.models_dir)
         self.configured = version
-        cfg = ScorerConfig(
+        cfg = config_with(
+            scorer_items(settings.scorer),
             calibrator=settings.calibrator,
             likelihood_threshold=settings.likelihood_threshold,
             seasonal_check=settings.seasonal_check,

@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from sensorwatch.scoring.config import CalibratorName
+from sensorwatch.scoring.config import CalibratorName, config_with
 
 _TOML_FILE: Path | None = None
 
@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         description="Also score each reading's own residual: catches in-range spikes on sensors with "
         "well-behaved noise, floods heavy-tailed series with alerts.",
     )
+    scorer: str = Field(
+        "",
+        description="More scorer settings, comma-separated KEY=VALUE as `--scorer` of score-csv and "
+        "evaluate (any ScorerConfig field, e.g. 'spike_z=7,range_margin=none'); they win over the "
+        "settings above.",
+    )
     # --- security and limits ------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for admin endpoints; required unless --insecure-no-auth."
@@ -150,6 +156,16 @@ class Settings(BaseSettings):
             raise ValueError("needs exactly one '+' segment (the device id) and no '#'")
         return v
 
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, v: str) -> str:
+        try:
+            config_with(scorer_items(v))  # an unknown key or a bad value is refused at start
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return v
+
     @field_validator("mqtt_client_id")
     @classmethod
     def _client_id(cls, v: str) -> str:
@@ -190,6 +206,15 @@ class Settings(BaseSettings):
         if _TOML_FILE is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE))
         return tuple(sources)
+
+
+def scorer_items(text: str) -> list[str]:
+    """``KEY=VALUE`` items of the ``scorer`` setting.
+
+    >>> scorer_items("spike_z=7, range_margin=none"), scorer_items("")
+    (['spike_z=7', 'range_margin=none'], [])
+    """
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 class SettingsError(ValueError):

@@ -204,3 +204,47 @@ def test_detection_settings_reach_the_scorer(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SENSORWATCH_LIKELIHOOD_THRESHOLD", "1.5")
     with pytest.raises(SettingsError, match="SENSORWATCH_LIKELIHOOD_THRESHOLD"):
         load_settings()
+
+
+def test_scorer_settings_reach_the_engine_and_bad_ones_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SENSORWATCH_SCORER takes any ScorerConfig field, as ``--scorer`` does elsewhere."""
+    from service.engine import Engine
+    from service.metrics import Metrics
+
+    for bad in ("no_such=1", "spike_z=-1", "spike_z"):
+        monkeypatch.setenv("SENSORWATCH_SCORER", bad)
+        with pytest.raises(SettingsError, match=r"^invalid setting SENSORWATCH_SCORER: ") as info:
+            load_settings()
+        assert "\n" not in str(info.value)
+    monkeypatch.setenv("SENSORWATCH_SCORER", "spike_z=7, range_margin=none,calibrator=threshold")
+    s = load_settings(model="builtin", mqtt_url="", state_dir=tmp_path, calibrator="likelihood")
+    cfg = Engine(s, Metrics(mqtt=False)).scorer.config
+    assert (cfg.spike_z, cfg.range_margin, cfg.calibrator) == (7.0, None, "threshold")  # it wins
+    assert cfg.seasonal_check is s.seasonal_check  # the dedicated settings still apply
+
+
+def test_score_csv_takes_scorer_settings(tmp_path: Path) -> None:
+    csv_in = tmp_path / "in.csv"
+    rows = [f"{1767225600 + 60 * i},{20.0 + (i % 5) * 0.1 + (15.0 if i == 200 else 0.0)}" for i in range(300)]
+    csv_in.write_text("timestamp,temp\n" + "\n".join(rows) + "\n")
+    out = {}
+    for name, extra in (("on", []), ("off", ["--scorer", "spike_z=none"])):
+        path = tmp_path / f"{name}.csv"
+        cmd = [sys.executable, "-m", "sensorwatch.cli", "score-csv", str(csv_in), "--out", str(path), *extra]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=120)
+        header, *lines = path.read_text().splitlines()
+        col = header.split(",").index("is_anomaly")
+        out[name] = [line.split(",")[col] for line in lines]
+    assert out["on"][200] in ("True", "true", "1")
+    assert out["off"][200] not in ("True", "true", "1")
+    bad = subprocess.run(
+        [sys.executable, "-m", "sensorwatch.cli", "score-csv", str(csv_in), "--scorer", "no_such=1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "unknown scorer setting 'no_such'" in bad.stderr
