@@ -136,6 +136,8 @@ def anomaly_event(record: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "device_id",
         "ts",
+        "kind",
+        "value",
         "raw_score",
         "smoothed_score",
         "likelihood",

@@ -82,6 +82,8 @@ RESULT_EXAMPLE: dict[str, Any] = {
     "threshold": 0.9999,
     "likelihood": 0.41,
     "is_anomaly": False,
+    "kind": None,
+    "value": {"ch0": 21.6},
     "attribution": {"ch0": 1.0},
     "warming_up": False,
     "gap_reset": False,

@@ -15,7 +15,7 @@ from typing import TextIO
 
 import numpy as np
 
-from sensorwatch.scoring.batch import StepResult
+from sensorwatch.scoring.batch import KINDS, StepResult
 
 
 def parse_csv_ts(s: str) -> float:
@@ -85,6 +85,7 @@ def result_header(channels: list[str]) -> list[str]:
         "likelihood",
         "threshold",
         "is_anomaly",
+        "kind",
         "warming_up",
         "gap_reset",
         *per_ch,
@@ -96,7 +97,7 @@ def result_rows(res: StepResult) -> Iterator[list[str]]:
     multi = res.predicted.shape[1] > 1
     for i in range(len(res)):
         if not res.accepted[i]:
-            blanks = [""] * (7 + res.predicted.shape[1] * (3 if multi else 2))
+            blanks = [""] * (8 + res.predicted.shape[1] * (3 if multi else 2))
             yield [*blanks, str(res.reason[i])]
             continue
         per_ch = [_f(v) for v in res.predicted[i]] + [_f(v) for v in res.z[i]]
@@ -108,6 +109,7 @@ def result_rows(res: StepResult) -> Iterator[list[str]]:
             _f(res.likelihood[i]),
             _f(res.threshold[i]),
             str(int(res.is_anomaly[i])),
+            KINDS[res.kind[i]] or "",
             str(int(res.warming_up[i])),
             str(int(res.gap_reset[i])),
             *per_ch,

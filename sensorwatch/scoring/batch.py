@@ -296,6 +296,9 @@ def _parse_values(
     return None
 
 
+#: Names of the anomaly kinds (``StepResult.kind`` codes; ``components.decision`` says what each is).
+KINDS = (None, "pattern", "contextual", "spike", "stuck", "out_of_range")
+
 #: Per-reading result columns (besides device_id, ts, accepted, reason and model_version).
 RESULT_COLUMNS = (
     "predicted",
@@ -332,6 +335,10 @@ class StepResult:
     warming_up: np.ndarray
     gap_reset: np.ndarray
     imputed: np.ndarray
+    kind: np.ndarray
+    """(N,) int8: which check made an anomaly (an index into :data:`KINDS`; 0 for other readings)."""
+    value: np.ndarray
+    """(N, C): the reading's values as scored (NaN: missing)."""
     model_version: str
     channel_names: tuple[str, ...]
     _notable: list[int] | None = field(default=None, repr=False, compare=False)
@@ -367,6 +374,8 @@ class StepResult:
             warming_up=f1.copy(),
             gap_reset=f1.copy(),
             imputed=fc.copy(),
+            kind=np.zeros(n, dtype=np.int8),
+            value=batch.values.copy() if batch.values.shape[1] == channels else nanc.copy(),
             model_version=model_version,
             channel_names=channel_names,
         )
@@ -390,6 +399,8 @@ class StepResult:
             "threshold": _finite_or_none(self.threshold[i]),
             "likelihood": float(self.likelihood[i]),
             "is_anomaly": bool(self.is_anomaly[i]),
+            "kind": KINDS[self.kind[i]] if self.is_anomaly[i] else None,
+            "value": _channel_dict(names, self.value[i]),
             "attribution": _channel_dict(names, self.attribution[i]),
             "warming_up": bool(self.warming_up[i]),
             "gap_reset": bool(self.gap_reset[i]),

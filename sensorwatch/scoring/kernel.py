@@ -46,7 +46,7 @@ from sensorwatch.scoring.components.common import (
     raw_score,
     surprise_to_likelihood,
 )
-from sensorwatch.scoring.components.decision import decide
+from sensorwatch.scoring.components.decision import decide, kind_of
 from sensorwatch.scoring.components.likelihood import commit, short_term_tail
 from sensorwatch.scoring.features import season_slots
 
@@ -169,7 +169,7 @@ def outputs(result: Any) -> tuple[np.ndarray, ...]:
     r = result
     return (
         r.predicted, r.z, r.raw_score, r.smoothed_score, r.threshold, r.likelihood, r.is_anomaly,
-        r.attribution, r.warming_up,
+        r.attribution, r.warming_up, r.kind,
     )  # fmt: skip
 
 
@@ -492,7 +492,7 @@ def _score(
     reading. ``f64`` rows 0–5 and ``flags`` rows 0–3 are scratch."""
     c = x.size
     (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
-     out_attribution, out_warming) = out  # fmt: skip
+     out_attribution, out_warming, out_kind) = out  # fmt: skip
     z, attr, sx_z, sx_attr, ref, resid = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
     scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
     of, ol = ofs.forecast, ofs.likelihood
@@ -567,6 +567,7 @@ def _score(
             row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin
         )
     hard = out_of_range
+    spike = stuck = False
     if P.spike_check:
         spike = spike_c.hit(row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window)
         hard = hard or spike  # the decision's, not the likelihood's
@@ -574,7 +575,8 @@ def _score(
         log_stuck = stuck_c.log_tail(row, ofs.stuck_check, x, observed, P.norm_window)
         if not armed:
             log_stuck = 0.0
-        hard = hard or log_stuck <= P.stuck_cut
+        stuck = log_stuck <= P.stuck_cut
+        hard = hard or stuck
         surprise = max(surprise, -log_stuck / LN10)
     if out_of_range:
         surprise = math.inf
@@ -596,6 +598,7 @@ def _score(
     # decision, dynamic threshold
     epsilon = row[ofs.threshold.epsilon] if P.threshold_calibrator else math.inf
     out_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
+    out_kind[b] = kind_of(out_anomaly[b], out_of_range, spike, stuck, seasonal_won)
     if P.threshold_calibrator and has_pred:
         threshold_c.update(row, ofs.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo, undo_n)
     out_threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold

@@ -35,7 +35,7 @@ from sensorwatch.artifacts import load_model
 from sensorwatch.evaluation.nab import load_corpus
 from sensorwatch.model.forecaster import Forecaster, ForecasterConfig
 from sensorwatch.simulate import Fleet
-from tests.engine.helpers import ARRAY_COLUMNS
+from tests.engine.helpers import FROZEN_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -43,7 +43,7 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 MODELS = ROOT / "models"
 
 #: Every per-reading array of a StepResult that is compared (the batch's own timestamps aside).
-COLUMNS = tuple(c for c in ARRAY_COLUMNS if c != "ts")
+COLUMNS = tuple(c for c in FROZEN_COLUMNS if c != "ts")
 
 Batches = Iterator[ReadingBatch]
 

@@ -20,8 +20,10 @@ NUMERIC_TOL: dict[str, tuple[float, float]] = {
     "attribution": (1e-4, 1e-4),
 }
 BOOL_COLUMNS = ("is_anomaly", "warming_up", "gap_reset", "imputed", "accepted")
-#: Every per-reading array of a StepResult.
-ARRAY_COLUMNS = ("ts", "reason", *NUMERIC_TOL, *BOOL_COLUMNS)
+#: The per-reading arrays of a StepResult when the golden outputs were frozen.
+FROZEN_COLUMNS = ("ts", "reason", *NUMERIC_TOL, *BOOL_COLUMNS)
+#: Every per-reading array of a StepResult (``kind`` and ``value`` came with the spike check).
+ARRAY_COLUMNS = (*FROZEN_COLUMNS, "kind", "value")
 
 T0 = 1_700_000_000.0
 #: Health checks the hypothesis contract tests suppress (fixtures per example, slow scorers, big data).
@@ -68,7 +70,7 @@ def assert_results_match(
             continue
         tol = atol * magnitude[None, :] if col == "predicted" and magnitude is not None else atol
         assert_close(col, getattr(got, col), getattr(want, col), rtol, tol)
-    for col in BOOL_COLUMNS:
+    for col in (*BOOL_COLUMNS, "kind", "value"):
         np.testing.assert_array_equal(getattr(got, col), getattr(want, col), err_msg=col)
 
 

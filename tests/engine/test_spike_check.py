@@ -84,3 +84,28 @@ def test_a_level_shift_is_one_spike_at_its_onset() -> None:
     flags, _ = run(x, ScorerConfig(range_margin=None))
     assert flags[600]
     assert flags[601:640].sum() <= 3, np.flatnonzero(flags[601:640]) + 601
+
+
+def test_an_anomaly_says_which_check_made_it() -> None:
+    """``kind``: out_of_range before spike before stuck (the most specific first); records name it
+    and carry the observed value."""
+    from sensorwatch.scoring.batch import KINDS
+    from service.payloads import anomaly_event
+
+    x = sine(3)
+    x[420] += 30 * NOISE  # at a trough: inside the range seen, far outside the residuals
+    x[900] += 100 * NOISE  # at a peak: beyond the range seen (and a spike)
+    x[1000:1060] = x[1000]  # stuck
+    m, version = load_default_or_builtin(None, None, 1)
+    scorer = StreamScorer(m, ScorerConfig(), model_version=version)
+    res = scorer.step(ReadingBatch(["d"] * ROWS, TS, x[:, None]))
+    kinds = [KINDS[k] for k in res.kind]
+    assert kinds[420] == "spike"
+    assert kinds[900] == "out_of_range"
+    assert "stuck" in kinds[1000:1060]
+    assert all(k is None for k, a in zip(kinds, res.is_anomaly, strict=True) if not a)
+    assert all(k is not None for k, a in zip(kinds, res.is_anomaly, strict=True) if a)
+    event = anomaly_event(res.record(420))
+    assert event["kind"] == "spike"
+    assert event["value"] == {m.config.names[0]: float(x[420])}
+    assert event["predicted"][m.config.names[0]] != event["value"][m.config.names[0]]
