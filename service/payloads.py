@@ -131,6 +131,25 @@ def rejection_id(digest: bytes, index: int | None) -> str:
     return hashlib.blake2b(digest + tail, digest_size=12).hexdigest()
 
 
+def episode_end_event(record: dict[str, Any]) -> dict[str, Any]:
+    """The payload of ``PREFIX/anomalies/ID`` when a stuck or out-of-range episode ends (at the first
+    reading after it): its kind, ``episode: "end"``, the reading that ended it and an ``event_id``
+    of its own."""
+    device, ts, version = record["device_id"], record["ts"], record["model_version"]
+    doc = {
+        "device_id": device,
+        "ts": ts,
+        "kind": record["episode_ended"],
+        "episode": "end",
+        "value": record["value"],
+        "model_version": version,
+        "event_id": event_id(device, ts, f"{version}#end"),
+    }
+    if record.get("replayed"):
+        doc["replayed"] = True
+    return doc
+
+
 def anomaly_event(record: dict[str, Any]) -> dict[str, Any]:
     """The payload of ``PREFIX/anomalies/ID``."""
     keys = (
@@ -201,14 +220,17 @@ def dumps(doc: Any) -> bytes:
 
 
 def records_to_publish(result: StepResult, start: int, stop: int, *, every: bool) -> list[dict[str, Any]]:
-    """Records of readings ``start:stop`` that are published: rejections and anomalies, or every one
-    when ``every`` (scores on). Builds no record for a reading that is not published."""
+    """Records of readings ``start:stop`` that are published: rejections, anomalies and episode ends,
+    or every one when ``every`` (scores on). Builds no record for a reading that is not published."""
     if every:
         rows = list(range(start, stop))
     elif not result.notable_between(start, stop):
         return []
     else:
-        rows = (np.flatnonzero(~result.accepted[start:stop] | result.is_anomaly[start:stop]) + start).tolist()
+        notable = (
+            ~result.accepted[start:stop] | result.is_anomaly[start:stop] | (result.ended[start:stop] > 0)
+        )
+        rows = (np.flatnonzero(notable) + start).tolist()
     out = []
     for i in rows:
         rec = result.record(i)

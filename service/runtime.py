@@ -19,7 +19,15 @@ from service.engine import REDELIVERY_WINDOW, Engine, Recovery
 from service.intake import IntakeProcess, ParsedMessage, Parser, decode_chunk, encode_chunk
 from service.metrics import Metrics
 from service.mqtt import RECEIVE_MAXIMUM, MqttAdapter
-from service.payloads import anomaly_event, deadletter, dumps, event_id, records_to_publish, rejection_id
+from service.payloads import (
+    anomaly_event,
+    deadletter,
+    dumps,
+    episode_end_event,
+    event_id,
+    records_to_publish,
+    rejection_id,
+)
 from service.pipeline import MicroBatcher, OutputStage, QueueFull, Work
 from service.settings import Settings
 
@@ -373,7 +381,9 @@ class Service:
         rec["event_id"] = event_id(device, rec["ts"], rec["model_version"])
         if replayed:
             rec["replayed"] = True
-        if rec["is_anomaly"]:
+        if rec["episode_ended"]:  # before this reading's own event: the old episode ended first
+            self._publish(f"{self.t_anomalies}/{device}", dumps(episode_end_event(rec)))
+        if rec["is_anomaly"] and not rec["continues"]:  # one event per stuck / out-of-range episode
             self._publish(f"{self.t_anomalies}/{device}", dumps(anomaly_event(rec)))
         if self.settings.publish_scores:
             self._publish(f"{self.t_scores}/{device}", dumps(rec))

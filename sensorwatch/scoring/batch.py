@@ -339,15 +339,19 @@ class StepResult:
     """(N,) int8: which check made an anomaly (an index into :data:`KINDS`; 0 for other readings)."""
     value: np.ndarray
     """(N, C): the reading's values as scored (NaN: missing)."""
+    continues: np.ndarray
+    """(N,) bool: an anomaly continuing its device's stuck or out-of-range episode (no new event)."""
+    ended: np.ndarray
+    """(N,) int8: the kind of the device's episode that ended just before this reading (0: none)."""
     model_version: str
     channel_names: tuple[str, ...]
     _notable: list[int] | None = field(default=None, repr=False, compare=False)
 
     def notable_between(self, start: int, stop: int) -> bool:
-        """Whether any reading in ``start:stop`` is rejected or an anomaly (what is published when
-        scores are not): answered in O(1) from one cumulative count per result."""
+        """Whether any reading in ``start:stop`` is rejected, an anomaly or ends an episode (what is
+        published when scores are not): answered in O(1) from one cumulative count per result."""
         if self._notable is None:
-            flag = ~self.accepted | self.is_anomaly
+            flag = ~self.accepted | self.is_anomaly | (self.ended > 0)
             self._notable = [0, *np.cumsum(flag).tolist()]
         return self._notable[stop] > self._notable[start]
 
@@ -375,6 +379,8 @@ class StepResult:
             gap_reset=f1.copy(),
             imputed=fc.copy(),
             kind=np.zeros(n, dtype=np.int8),
+            continues=f1.copy(),
+            ended=np.zeros(n, dtype=np.int8),
             value=batch.values.copy() if batch.values.shape[1] == channels else nanc.copy(),
             model_version=model_version,
             channel_names=channel_names,
@@ -400,6 +406,8 @@ class StepResult:
             "likelihood": float(self.likelihood[i]),
             "is_anomaly": bool(self.is_anomaly[i]),
             "kind": KINDS[self.kind[i]] if self.is_anomaly[i] else None,
+            "continues": bool(self.continues[i]),
+            "episode_ended": KINDS[self.ended[i]],
             "value": _channel_dict(names, self.value[i]),
             "attribution": _channel_dict(names, self.attribution[i]),
             "warming_up": bool(self.warming_up[i]),

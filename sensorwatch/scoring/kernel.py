@@ -30,6 +30,7 @@ from sensorwatch.scoring.batch import RejectReason
 from sensorwatch.scoring.components import Setup, model_season
 from sensorwatch.scoring.components import alert_filter as alert_filter_c
 from sensorwatch.scoring.components import core as core_c
+from sensorwatch.scoring.components import episode as episode_c
 from sensorwatch.scoring.components import forecast as forecast_c
 from sensorwatch.scoring.components import normaliser as normaliser_c
 from sensorwatch.scoring.components import point as point_c
@@ -169,7 +170,7 @@ def outputs(result: Any) -> tuple[np.ndarray, ...]:
     r = result
     return (
         r.predicted, r.z, r.raw_score, r.smoothed_score, r.threshold, r.likelihood, r.is_anomaly,
-        r.attribution, r.warming_up, r.kind,
+        r.attribution, r.warming_up, r.kind, r.continues, r.ended,
     )  # fmt: skip
 
 
@@ -492,7 +493,7 @@ def _score(
     reading. ``f64`` rows 0–5 and ``flags`` rows 0–3 are scratch."""
     c = x.size
     (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
-     out_attribution, out_warming, out_kind) = out  # fmt: skip
+     out_attribution, out_warming, out_kind, out_continues, out_ended) = out  # fmt: skip
     z, attr, sx_z, sx_attr, ref, resid = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
     scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
     of, ol = ofs.forecast, ofs.likelihood
@@ -599,6 +600,7 @@ def _score(
     epsilon = row[ofs.threshold.epsilon] if P.threshold_calibrator else math.inf
     out_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
     out_kind[b] = kind_of(out_anomaly[b], out_of_range, spike, stuck, seasonal_won)
+    out_continues[b], out_ended[b] = episode_c.track(row, ofs.episode, out_kind[b])
     if P.threshold_calibrator and has_pred:
         threshold_c.update(row, ofs.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo, undo_n)
     out_threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold

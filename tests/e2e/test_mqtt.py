@@ -133,6 +133,14 @@ def test_200_devices_each_reading_scored_once_in_order_and_spikes_flagged(
     assert metric(m, "sensorwatch_batch_size_sum") == total
     assert metric(m, "sensorwatch_batch_size_count") < total / 5
 
+    # A lasting episode (out of range) that ended has one end event, after its anomaly's.
+    ends = [a for a in anomalies if a.get("episode") == "end"]
+    anomalies = [a for a in anomalies if a.get("episode") != "end"]
+    for end in ends:
+        assert any(
+            a["device_id"] == end["device_id"] and a["kind"] == end["kind"] and a["ts"] < end["ts"]
+            for a in anomalies
+        ), end
     # Every injected spike is on the anomalies topic (with the event's fields).
     flagged = {(a["device_id"], a["ts"]) for a in anomalies}
     injected = {(f"dev-{d:03d}", T0 + SPIKE_AT * DT) for d in SPIKE_DEVICES}
@@ -143,10 +151,12 @@ def test_200_devices_each_reading_scored_once_in_order_and_spikes_flagged(
     assert flagged == flagged_scores
     assert metric(m, "sensorwatch_anomalies_total") == len(anomalies)
     event = next(a for a in anomalies if (a["device_id"], a["ts"]) in injected)
-    assert {"ts", "raw_score", "likelihood", "threshold", "attribution", "predicted", "model_version"} <= set(
+    assert {"ts", "kind", "value", "raw_score", "likelihood", "threshold", "attribution", "predicted"} <= set(
         event
     )
-    assert event["likelihood"] >= event["threshold"]
+    assert event["kind"] in ("out_of_range", "spike")
+    assert event["value"]["ch0"] == pytest.approx(plan[event["device_id"]][SPIKE_AT])
+    assert event["likelihood"] >= event["threshold"] or event["kind"] == "spike"
     assert event["attribution"] == {"ch0": 1.0}
     assert event["predicted"]["ch0"] == pytest.approx(plan[event["device_id"]][SPIKE_AT - 1], abs=2.0)
 

@@ -109,3 +109,28 @@ def test_an_anomaly_says_which_check_made_it() -> None:
     assert event["kind"] == "spike"
     assert event["value"] == {m.config.names[0]: float(x[420])}
     assert event["predicted"][m.config.names[0]] != event["value"][m.config.names[0]]
+
+
+def test_a_stuck_run_is_one_episode_with_an_end() -> None:
+    """Every reading of a stuck run is an anomaly, but only the first starts an event (the rest
+    ``continues``) and the first reading after it says the episode ended."""
+    from sensorwatch.scoring.batch import KINDS
+    from service.payloads import episode_end_event, records_to_publish
+
+    x = sine(4)
+    x[1000:1060] = x[1000]
+    m, version = load_default_or_builtin(None, None, 1)
+    res = StreamScorer(m, ScorerConfig(), model_version=version).step(
+        ReadingBatch(["d"] * ROWS, TS, x[:, None])
+    )
+    run = np.flatnonzero(res.is_anomaly[1000:1060]) + 1000
+    assert len(run) > 10
+    assert [KINDS[k] for k in res.kind[run]] == ["stuck"] * len(run)
+    starts = run[~res.continues[run]]
+    assert starts.tolist() == [run[0]]  # one event for the run
+    assert KINDS[res.ended[1060]] == "stuck"
+    assert (res.ended[:1060] == 0).all()
+    published = {r["index"]: r for r in records_to_publish(res, 0, ROWS, every=False)}
+    assert 1060 in published  # the end is published although the reading is not an anomaly
+    end = episode_end_event(published[1060])
+    assert (end["kind"], end["episode"], end["ts"]) == ("stuck", "end", TS[1060])

@@ -65,6 +65,7 @@ from sensorwatch.model.forecaster import ForecasterConfig
 from sensorwatch.scoring.components import (
     alert_filter,
     core,
+    episode,
     forecast,
     likelihood,
     model_season,
@@ -88,6 +89,7 @@ COMPONENTS: tuple[ModuleType, ...] = (
     spike_check,
     stuck_check,
     alert_filter,
+    episode,
     threshold,
     normaliser,
     model_season,

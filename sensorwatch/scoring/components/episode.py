@@ -1,0 +1,33 @@
+"""Episodes of the lasting checks: a stuck run or an out-of-range stretch is an anomaly at every
+reading of it (``is_anomaly``), but one *event* — the service publishes the anomaly that starts it
+and one end event at the first reading after it, not one event per reading (a stuck sensor raised
+38 events per episode in ``make run`` before). ``continues``: this anomaly is of the same lasting
+kind as the device's previous reading; ``ended``: the kind of the episode that ended just before
+this reading (0: none). Spikes, contextual and pattern anomalies are single readings already (the
+spike check's echo, the alert filter).
+"""
+
+from __future__ import annotations
+
+from sensorwatch.scoring.components.common import jit
+from sensorwatch.scoring.components.decision import OUT_OF_RANGE, STUCK
+from sensorwatch.scoring.state import SCALAR, Field, offsets_type
+
+NAME = "episode"
+STATE = (Field("active", SCALAR, 0.0),)
+Offsets = offsets_type(STATE)
+
+
+def enabled(setup: object) -> bool:
+    return True
+
+
+@jit
+def track(row, o, kind):
+    """(continues, ended kind) of a reading of ``kind`` (0: not an anomaly); remembers the lasting kind."""
+    active = int(row[o.active])
+    lasting = kind if kind in (STUCK, OUT_OF_RANGE) else 0
+    row[o.active] = float(lasting)
+    continues = lasting != 0 and lasting == active
+    ended = active if active != 0 and lasting != active else 0
+    return continues, ended
