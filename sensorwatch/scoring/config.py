@@ -104,6 +104,12 @@ class ScorerConfig(BaseModel):
         "robust standard deviations of the device's own residuals is an anomaly at that reading: a hard "
         "hit of the decision, not of the likelihood (NAB scores the likelihood). None disables it.",
     )
+    range_arm_s: float = Field(
+        86_400.0,
+        ge=0,
+        description="Seconds of a device's history before the range check arms (besides range_warmup "
+        "readings): a range that has not seen a whole daily cycle does not mean anything yet.",
+    )
     range_warmup: int = Field(
         300, ge=0, description="Readings a device must have before the range check is armed."
     )

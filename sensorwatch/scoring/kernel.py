@@ -74,6 +74,7 @@ PARAMS = np.dtype(
         ("range_check", np.bool_),
         ("range_margin", np.float64),
         ("range_warmup", np.float64),
+        ("range_arm_s", np.float64),
         ("spike_check", np.bool_),
         ("spike_z", np.float64),
         ("point_likelihood", np.bool_),
@@ -130,6 +131,7 @@ def params(setup: Setup, features: int) -> np.ndarray:
         "range_check": cfg.range_margin is not None,
         "range_margin": cfg.range_margin or 0.0,
         "range_warmup": cfg.range_warmup,
+        "range_arm_s": cfg.range_arm_s,
         "spike_check": cfg.spike_z is not None,
         "spike_z": cfg.spike_z or 0.0,
         "point_likelihood": cfg.point_likelihood,
@@ -565,8 +567,9 @@ def _score(
     out_of_range = False
     if P.range_check:
         out_of_range = range_c.check(
-            row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin
-        )
+            row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin, ts,
+            P.range_arm_s,
+        )  # fmt: skip
     hard = out_of_range
     spike = stuck = False
     if P.spike_check:

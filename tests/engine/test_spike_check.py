@@ -134,3 +134,20 @@ def test_a_stuck_run_is_one_episode_with_an_end() -> None:
     assert 1060 in published  # the end is published although the reading is not an anomaly
     end = episode_end_event(published[1060])
     assert (end["kind"], end["episode"], end["ts"]) == ("stuck", "end", TS[1060])
+
+
+def test_the_range_check_arms_only_after_a_day_of_history() -> None:
+    """At 2 readings/s (``make run``'s devices) 300 readings are 150 s: the range seen is not yet the
+    device's normal range, so the check waits for ``range_arm_s`` of history."""
+    from sensorwatch.scoring.batch import KINDS
+
+    x = sine(5)
+    x[1400] += 100 * NOISE
+    fast = 1_767_225_600.0 + 0.5 * np.arange(ROWS)
+    m, version = load_default_or_builtin(None, None, 1)
+    kinds = {}
+    for arm in (None, 0.0):
+        cfg = ScorerConfig() if arm is None else ScorerConfig(range_arm_s=arm)
+        res = StreamScorer(m, cfg, model_version=version).step(ReadingBatch(["d"] * ROWS, fast, x[:, None]))
+        kinds[arm] = KINDS[res.kind[1400]]
+    assert kinds == {None: "spike", 0.0: "out_of_range"}
