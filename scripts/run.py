@@ -21,6 +21,47 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 PORT = int(os.environ.get("SENSORWATCH_PORT", "8000"))
+#: Readings per simulated device before anomalies are injected: just past the 64-reading warm-up
+#: (32 s at 2 readings/s), so a newcomer sees events within the first minute.
+INJECT_AFTER = 70
+#: Anomaly events printed here as they arrive, then only the subscription line above says where.
+FIRST_EVENTS = 5
+
+
+def print_first_events(url: str, started: float) -> object:
+    """A subscriber that prints the first FIRST_EVENTS anomaly events (kind, device, value against
+    the prediction) with the seconds since the fleet started; returns the client (stopped on exit)."""
+    import json
+    from urllib.parse import urlsplit
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    seen = [0]
+
+    def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        if seen[0] >= FIRST_EVENTS:
+            return
+        seen[0] += 1
+        try:
+            ev = json.loads(msg.payload)
+            value = next(iter((ev.get("value") or {}).values()), None)
+            pred = next(iter((ev.get("predicted") or {}).values()), None)
+            what = "episode ended" if ev.get("episode") == "end" else f"value {value} (predicted {pred})"
+            line = f"{ev.get('kind')} on {ev.get('device_id')}: {what}"
+        except (ValueError, TypeError, AttributeError):
+            line = msg.payload[:200].decode(errors="replace")
+        print(f"  [{time.monotonic() - started:5.1f} s] anomaly {seen[0]}/{FIRST_EVENTS}: {line}", flush=True)
+        if seen[0] == FIRST_EVENTS:
+            print("  (more: mosquitto_sub -t 'sensorwatch/anomalies/#' -v)", flush=True)
+
+    u = urlsplit(url)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sensorwatch-demo-{secrets.token_hex(3)}")
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: c.subscribe("sensorwatch/anomalies/#", qos=0)
+    client.connect(u.hostname or "127.0.0.1", u.port or 1883)
+    client.loop_start()
+    return client
 
 
 def answers(host: str, port: int) -> bool:
@@ -110,13 +151,16 @@ def main() -> int:
                     "2",
                     "--anomaly-rate",
                     "0.002",
+                    "--inject-after",
+                    str(INJECT_AFTER),
                 ]
             )
         )
         host = url.split("//")[1].split(":")[0]
         print(
             f"""
-sensorwatch is running — {devices} simulated devices publish 2 readings/s each (warm-up: ~32 s).
+sensorwatch is running — {devices} simulated devices publish 2 readings/s each (warm-up: ~32 s;
+anomalies are injected from ~35 s on; the first few events are printed below as they arrive).
   API docs      {base}/docs
   metrics       {base}/metrics
   ready         {base}/readyz
@@ -127,10 +171,17 @@ Ctrl-C stops everything (the service drains, snapshots its state to {env["SENSOR
 """,
             flush=True,
         )
-        deadline = float(os.environ.get("DEMO_SECONDS", "inf"))
         t0 = time.monotonic()
+        try:
+            watcher = print_first_events(url, t0)
+        except OSError as exc:  # the demo goes on without the printout
+            print(f"(not printing the first anomaly events: {exc})", flush=True)
+            watcher = None
+        deadline = float(os.environ.get("DEMO_SECONDS", "inf"))
         while time.monotonic() - t0 < deadline and server.poll() is None:
             time.sleep(0.5)
+        if watcher is not None:
+            watcher.loop_stop()  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         pass
     finally:

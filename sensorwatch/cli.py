@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="--mqtt-url: simulated seconds per real second; 1 stamps readings with the wall clock",
     )
+    m.add_argument(
+        "--inject-after",
+        type=int,
+        default=400,
+        help="--mqtt-url: readings per device before anomalies are injected (make run: 70, past warm-up)",
+    )
     m.set_defaults(func=simulate_files)
 
     from sensorwatch.evaluation.cli import add_parser as add_evaluate

@@ -63,6 +63,7 @@ class Fleet:
         start_ts: float = 1_767_225_600.0,
         prefix: str = "sim",
         profiles: str = "sine",
+        inject_after: int = 400,
     ) -> None:
         if profiles not in ("sine", "varied"):
             raise ValueError("profiles must be 'sine' or 'varied'")
@@ -70,6 +71,7 @@ class Fleet:
         self.rng = np.random.default_rng(seed)
         self.interval = interval_s
         self.anomaly_rate = anomaly_rate
+        self.inject_after = inject_after  # readings per device before any anomaly is injected
         self.dropout_rate = dropout_rate
         self.ids = [f"{prefix}-{i:05d}" for i in range(devices)]
         r = self.rng
@@ -136,7 +138,7 @@ class Fleet:
 
     def _inject(self, x: np.ndarray, base: np.ndarray, shared: np.ndarray) -> list[str]:
         r, n = self.rng, self.n
-        start = (self.kind < 0) & (r.random(n) < self.anomaly_rate) & (self.k > 400)
+        start = (self.kind < 0) & (r.random(n) < self.anomaly_rate) & (self.k > self.inject_after)
         kinds = self.KINDS if self.c > 1 else self.KINDS[:-1]
         for i in np.flatnonzero(start):
             self.kind[i] = r.integers(len(kinds))

@@ -61,6 +61,7 @@ def _simulate(args: argparse.Namespace) -> int:
             labels_out=sys.stdout if args.labels else None,
             stop=stop,
             time_lapse=args.time_lapse,
+            inject_after=args.inject_after,
         )
 
 

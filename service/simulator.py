@@ -39,6 +39,7 @@ def run(
     stop: threading.Event | None = None,
     time_lapse: float = 1.0,
     start_ts: float | None = None,
+    inject_after: int = 400,
 ) -> int:
     """Publish one reading per device every 1/``rate`` s until ``duration_s`` (or forever), or until
     ``stop`` is set (checked between ticks).
@@ -55,6 +56,7 @@ def run(
         anomaly_rate=anomaly_rate,
         interval_s=time_lapse / rate,
         start_ts=time.time() if start_ts is None else start_ts,
+        inject_after=inject_after,
     )
     pub = MqttPublisher(url, client_id=f"sensorwatch-sim-{seed}")
     sent, t0 = 0, time.monotonic()

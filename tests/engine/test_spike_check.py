@@ -151,3 +151,15 @@ def test_the_range_check_arms_only_after_a_day_of_history() -> None:
         res = StreamScorer(m, cfg, model_version=version).step(ReadingBatch(["d"] * ROWS, fast, x[:, None]))
         kinds[arm] = KINDS[res.kind[1400]]
     assert kinds == {None: "spike", 0.0: "out_of_range"}
+
+
+def test_a_burst_of_spikes_is_one_event() -> None:
+    x = sine(6)
+    x[[800, 804, 808]] += 30 * NOISE  # three spikes four readings apart: one burst
+    x[1100] += 30 * NOISE  # and one on its own, far later
+    m, version = load_default_or_builtin(None, None, 1)
+    res = StreamScorer(m, ScorerConfig(), model_version=version).step(
+        ReadingBatch(["d"] * ROWS, TS, x[:, None])
+    )
+    assert res.is_anomaly[[800, 804, 808, 1100]].all()
+    assert res.continues[[800, 804, 808, 1100]].tolist() == [False, True, True, False]
