@@ -1,4 +1,4 @@
-"""``sensorwatch evaluate --nab DIR [--model NAME] [--json OUT] [--scores-out DIR]``.
+"""``sensorwatch evaluate --nab DIR | --corpus DIR [--model NAME] [--json OUT] [--scores-out DIR]``.
 
 Streams every file of a NAB-format corpus through the production StreamScorer (one device per file,
 causal, files side by side in one batch), then scores the likelihoods with the NAB rules (all three
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sensorwatch.artifacts import load_default_or_builtin
+from sensorwatch.evaluation import corpus
 from sensorwatch.evaluation.nab import PROFILES, event_metrics, load_corpus, score_all_profiles
 from sensorwatch.evaluation.stream import stream_scores
 from sensorwatch.scoring.config import ScorerConfig, config_with
@@ -85,12 +86,68 @@ class _FileBar:
         sys.stderr.flush()
 
 
+def evaluate_corpus(
+    root: str | Path,
+    model_ref: str | None = None,
+    models_dir: str | None = None,
+    config: ScorerConfig | None = None,
+) -> tuple[dict[str, Any], list[corpus.Device]]:
+    """A multichannel corpus (``mv-dev`` layout) through the scorer, and its protocol's figures."""
+    devices = corpus.load(root)
+    channels = len(devices[0].channels)
+    model, version = load_default_or_builtin(model_ref, models_dir, channels=channels)
+    if model.config.channels != channels:
+        raise ValueError(f"model {version} has {model.config.channels} channels, the corpus {channels}")
+    scorer = StreamScorer(model, config or ScorerConfig(), model_version=version)
+    t0 = time.monotonic()
+    corpus.stream(devices, scorer)
+    report = {"model": version, "seconds": round(time.monotonic() - t0, 2), **corpus.metrics(devices)}
+    return report, devices
+
+
+def _corpus_main(args: argparse.Namespace, config: ScorerConfig) -> int:
+    try:
+        report, devices = evaluate_corpus(args.corpus, args.model, args.models_dir, config)
+    except (ValueError, OSError, KeyError) as exc:
+        print(f"sensorwatch evaluate: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    print(
+        f"{args.corpus}: {report['devices']} devices, {report['scored_rows']:,} scored rows, "
+        f"{report['windows']} windows, model {report['model']} ({report['seconds']} s streaming)"
+    )
+    for key in (
+        "event_recall",
+        "point_precision",
+        "f1c",
+        "event_precision",
+        "false_alarm_episodes_per_1k_rows",
+        "median_delay_rows",
+        "point_f1",
+    ):
+        print(f"  {key:<34}{report[key]:>8.3f}")
+    att = report.get("attribution")
+    if att:
+        print(
+            f"  attribution over {att['windows']} detected windows: top-1 {att['top1']:.2f} / top-3 "
+            f"{att['top3']:.2f}; by |z| {att['by_abs_z_top1']:.2f} / {att['by_abs_z_top3']:.2f}; chance "
+            f"{att['chance_top1']:.2f} / {att['chance_top3']:.2f}"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if args.scores_out:
+        corpus.write_scores(devices, args.scores_out)
+    return 0
+
+
 def evaluate_main(args: argparse.Namespace) -> int:
     try:
         config = config_with(args.scorer or (), calibrator=args.calibrator)
     except ValueError as exc:
         print(f"sensorwatch evaluate: {exc}".splitlines()[0], file=sys.stderr)
         return 2
+    if args.corpus:
+        return _corpus_main(args, config)
     report, scores, files = evaluate(args.nab, args.model, args.models_dir, config)
     nab = report["nab"]
     print(
@@ -120,8 +177,15 @@ def evaluate_main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("evaluate", help="NAB score of a model through the streaming scorer")
-    e.add_argument("--nab", required=True, help="corpus root with data/<category>/*.csv and labels/")
+    e = sub.add_parser(
+        "evaluate",
+        help="NAB score, or a multichannel corpus' protocol, of a model through the streaming scorer",
+    )
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--nab", help="NAB corpus root with data/<category>/*.csv and labels/")
+    source.add_argument(
+        "--corpus", help="multichannel corpus: <device>.csv files and labels.json (the mv-dev layout)"
+    )
     e.add_argument("--model", default=None)
     e.add_argument("--models-dir", default=None)
     e.add_argument("--calibrator", choices=("likelihood", "threshold"), default="likelihood")
@@ -132,5 +196,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override a scorer setting (repeatable), e.g. --scorer seasonal_check=false",
     )
     e.add_argument("--json", help="write the report as JSON")
-    e.add_argument("--scores-out", help="write timestamp,value,anomaly_score CSVs under this directory")
+    e.add_argument(
+        "--scores-out",
+        help="write score CSVs under this directory (NAB: timestamp,value,anomaly_score; --corpus: "
+        "timestamp,is_anomaly,likelihood,kind,attribution_<channel>...)",
+    )
     e.set_defaults(func=evaluate_main)

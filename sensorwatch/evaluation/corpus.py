@@ -63,7 +63,15 @@ def load(root: str | Path) -> list[Device]:
         stamps = [r[0] for r in body]
         values = np.array([[float(v) if v.strip() else math.nan for v in r[1:]] for r in body])
         out.append(
-            Device(name, header[1:], stamps, _unix(stamps), values, int(meta["train_end"]), meta.get("windows", []))
+            Device(
+                name,
+                header[1:],
+                stamps,
+                _unix(stamps),
+                values,
+                int(meta["train_end"]),
+                meta.get("windows", []),
+            )
         )
     return out
 
@@ -101,7 +109,9 @@ def stream(devices: list[Device], scorer: StreamScorer, rows_per_step: int = 32)
 def _episodes(flags: np.ndarray) -> list[tuple[int, int]]:
     """Runs of consecutive True as (first, last) indices."""
     edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), (np.flatnonzero(edges == -1) - 1).tolist(), strict=True))
+    return list(
+        zip(np.flatnonzero(edges == 1).tolist(), (np.flatnonzero(edges == -1) - 1).tolist(), strict=True)
+    )
 
 
 def metrics(devices: list[Device]) -> dict[str, Any]:
@@ -189,7 +199,9 @@ def write_scores(devices: list[Device], out_dir: str | Path) -> None:
     for d in devices:
         with open(out / f"{d.name}.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["timestamp", "is_anomaly", "likelihood", "kind", *(f"attribution_{c}" for c in d.channels)])
+            w.writerow(
+                ["timestamp", "is_anomaly", "likelihood", "kind", *(f"attribution_{c}" for c in d.channels)]
+            )
             for i, stamp in enumerate(d.stamps):
                 attr = [f"{v:.4f}" for v in d.attribution[i]]
                 w.writerow([stamp, int(d.alarm[i]), f"{d.likelihood[i]:.9f}", KINDS[d.kind[i]] or "", *attr])
