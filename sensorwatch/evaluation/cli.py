@@ -132,12 +132,16 @@ def _corpus_main(args: argparse.Namespace, config: ScorerConfig) -> int:
             f"{att['top3']:.2f}; by |z| {att['by_abs_z_top1']:.2f} / {att['by_abs_z_top3']:.2f}; chance "
             f"{att['chance_top1']:.2f} / {att['chance_top3']:.2f}"
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    _write_json(args.json, report)
     if args.scores_out:
         corpus.write_scores(devices, args.scores_out)
     return 0
+
+
+def _write_json(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2, default=float) + "\n")
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
@@ -162,9 +166,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
         f"events (standard threshold): precision {ev['precision']:.3f} recall {ev['recall']:.3f} "
         f"F1 {ev['f1']:.3f} mean delay {ev['mean_delay_rows']:.1f} rows"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    _write_json(args.json, report)
     if args.scores_out:
         for f in files:
             out = Path(args.scores_out) / f.relpath
