@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from sensorwatch.scoring.batch import RejectReason
+from sensorwatch.scoring.batch import KINDS, RejectReason
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -94,6 +94,13 @@ class Metrics:
             "sensorwatch_rejections", "Rejected readings (or messages) by reason.", ["reason"], registry=r
         )
         self.anomalies = Counter("sensorwatch_anomalies", "Readings flagged as anomalies.", registry=r)
+        self.anomaly_events = Counter(
+            "sensorwatch_anomaly_events",
+            "Anomaly events (a stuck run, an out-of-range stretch or a spike burst is one), by the check "
+            "that made them.",
+            ["kind"],
+            registry=r,
+        )
         self.latency = BulkHistogram(
             "sensorwatch_score_latency_seconds",
             "Intake (queued) to scored, per scored reading; rejected readings are not observed.",
@@ -154,6 +161,8 @@ class Metrics:
                 self.readings.labels(s, o)
         for reason in REJECT_REASONS:
             self.rejections.labels(reason)
+        for kind in KINDS[1:]:
+            self.anomaly_events.labels(kind)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.mqtt_connected.set(0)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sensorwatch.scoring.batch import StepResult
+from sensorwatch.scoring.batch import KINDS, StepResult
 from sensorwatch.state.records import MessageMeta
 from service.engine import Engine
 from service.metrics import Metrics
@@ -225,6 +225,9 @@ class MicroBatcher(_Worker):
             for reason, n in Counter(result.reason[~acc].tolist()).items():
                 m.rejections.labels(reason).inc(n)
         m.anomalies.inc(int(result.is_anomaly.sum()))
+        events = np.bincount(result.kind[result.is_anomaly & ~result.continues], minlength=len(KINDS))
+        for code in np.flatnonzero(events[1:]) + 1:
+            m.anomaly_events.labels(KINDS[code]).inc(int(events[code]))
         m.gap_resets.inc(int(result.gap_reset.sum()))
         m.likelihood.observe_many(result.likelihood[acc])
 

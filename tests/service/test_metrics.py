@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -103,3 +104,23 @@ def test_latency_observes_scored_readings_only(client: TestClient) -> None:
     assert metric(text, "sensorwatch_score_latency_seconds_bucket", le="+Inf") == 20
     assert metric(text, "sensorwatch_likelihood_count") == 20
     assert metric(text, "sensorwatch_batch_size_sum") == 21  # the scorer still saw all of them
+
+
+def test_anomaly_events_count_episodes_by_kind(client: TestClient) -> None:
+    """Every kind is exported from the start; a stuck run is many flagged readings but one event."""
+    text = client.get("/metrics").text
+    for kind in ("pattern", "contextual", "spike", "stuck", "out_of_range"):
+        assert metric(text, "sensorwatch_anomaly_events_total", kind=kind) == 0
+    rng = np.random.default_rng(0)
+    values = 20.0 + np.sin(np.arange(400) / 8.0) + 0.1 * rng.standard_normal(400)
+    values[300:360] = values[300]  # a stuck sensor
+    readings = [{"ts": T0 + 60 * i, "values": [float(v)]} for i, v in enumerate(values)]
+    r = client.post("/v1/score", json={"device_id": "d", "readings": readings})
+    assert r.status_code == 200, r.text
+    flagged = [res for res in r.json()["results"] if res.get("is_anomaly")]
+    stuck = [res for res in flagged if res["kind"] == "stuck"]
+    assert len(stuck) > 5
+    assert sum(not res["continues"] for res in stuck) == 1
+    text = client.get("/metrics").text
+    assert metric(text, "sensorwatch_anomaly_events_total", kind="stuck") == 1
+    assert metric(text, "sensorwatch_anomalies_total") == len(flagged)
