@@ -227,10 +227,7 @@ def records_to_publish(result: StepResult, start: int, stop: int, *, every: bool
     elif not result.notable_between(start, stop):
         return []
     else:
-        notable = (
-            ~result.accepted[start:stop] | result.is_anomaly[start:stop] | (result.ended[start:stop] > 0)
-        )
-        rows = (np.flatnonzero(notable) + start).tolist()
+        rows = (np.flatnonzero(result.notable[start:stop]) + start).tolist()
     out = []
     for i in rows:
         rec = result.record(i)

@@ -225,7 +225,7 @@ class MicroBatcher(_Worker):
             for reason, n in Counter(result.reason[~acc].tolist()).items():
                 m.rejections.labels(reason).inc(n)
         m.anomalies.inc(int(result.is_anomaly.sum()))
-        events = np.bincount(result.kind[result.is_anomaly & ~result.continues], minlength=len(KINDS))
+        events = np.bincount(result.kind[result.starts_event], minlength=len(KINDS))
         for code in np.flatnonzero(events[1:]) + 1:
             m.anomaly_events.labels(KINDS[code]).inc(int(events[code]))
         m.gap_resets.inc(int(result.gap_reset.sum()))

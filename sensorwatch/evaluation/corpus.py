@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from sensorwatch.scoring.batch import KINDS, ReadingBatch
+from sensorwatch.evaluation.stream import stream_steps
+from sensorwatch.scoring.batch import KINDS
 from sensorwatch.scoring.scorer import StreamScorer
 
 
@@ -41,6 +42,10 @@ class Device:
     kind: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
     attribution: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     z: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    @property
+    def relpath(self) -> str:  # the device id it streams as (evaluation.stream)
+        return self.name
 
 
 def _unix(stamps: list[str]) -> np.ndarray:
@@ -82,28 +87,14 @@ def stream(devices: list[Device], scorer: StreamScorer, rows_per_step: int = 32)
         n, c = d.values.shape
         d.alarm, d.likelihood = np.zeros(n, dtype=bool), np.zeros(n)
         d.kind, d.attribution, d.z = np.zeros(n, dtype=np.int8), np.zeros((n, c)), np.zeros((n, c))
-    total = max(len(d.ts) for d in devices)
-    for start in range(0, total, rows_per_step):
-        ids: list[str] = []
-        ts, vals, where = [], [], []
-        for d in devices:
-            stop = min(len(d.ts), start + rows_per_step)
-            if start >= stop:
-                continue
-            ids += [d.name] * (stop - start)
-            ts.append(d.ts[start:stop])
-            vals.append(d.values[start:stop])
-            where.append((d, start, stop))
-        res = scorer.step(ReadingBatch(ids, np.concatenate(ts), np.concatenate(vals)))
-        k = 0
-        for d, a, b in where:
-            m = b - a
-            d.alarm[a:b] = res.is_anomaly[k : k + m]
-            d.likelihood[a:b] = np.nan_to_num(res.likelihood[k : k + m])
-            d.kind[a:b] = res.kind[k : k + m]
-            d.attribution[a:b] = np.nan_to_num(res.attribution[k : k + m])
-            d.z[a:b] = np.nan_to_num(np.abs(res.z[k : k + m]))
-            k += m
+    for f, a, b, res, k in stream_steps(devices, scorer, rows_per_step=rows_per_step):
+        assert isinstance(f, Device)
+        part = slice(k, k + b - a)
+        f.alarm[a:b] = res.is_anomaly[part]
+        f.likelihood[a:b] = np.nan_to_num(res.likelihood[part])
+        f.kind[a:b] = res.kind[part]
+        f.attribution[a:b] = np.nan_to_num(res.attribution[part])
+        f.z[a:b] = np.nan_to_num(np.abs(res.z[part]))
 
 
 def _episodes(flags: np.ndarray) -> list[tuple[int, int]]:

@@ -347,12 +347,21 @@ class StepResult:
     channel_names: tuple[str, ...]
     _notable: list[int] | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def notable(self) -> np.ndarray:
+        """(N,) bool: what is published when scores are not — rejections, anomalies, episode ends."""
+        return ~self.accepted | self.is_anomaly | (self.ended > 0)
+
+    @property
+    def starts_event(self) -> np.ndarray:
+        """(N,) bool: anomalies that are an event of their own (not continuing an episode)."""
+        return self.is_anomaly & ~self.continues
+
     def notable_between(self, start: int, stop: int) -> bool:
-        """Whether any reading in ``start:stop`` is rejected, an anomaly or ends an episode (what is
-        published when scores are not): answered in O(1) from one cumulative count per result."""
+        """Whether any reading in ``start:stop`` is :attr:`notable`: answered in O(1) from one
+        cumulative count per result."""
         if self._notable is None:
-            flag = ~self.accepted | self.is_anomaly | (self.ended > 0)
-            self._notable = [0, *np.cumsum(flag).tolist()]
+            self._notable = [0, *np.cumsum(self.notable).tolist()]
         return self._notable[stop] > self._notable[start]
 
     @classmethod
