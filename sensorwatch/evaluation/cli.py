@@ -23,6 +23,8 @@ from sensorwatch.evaluation.nab import PROFILES, event_metrics, load_corpus, sco
 from sensorwatch.evaluation.stream import stream_scores
 from sensorwatch.scoring.config import ScorerConfig, config_with
 from sensorwatch.scoring.scorer import StreamScorer
+from sensorwatch.training.cli import add_recipe_arguments, train_and_save
+from sensorwatch.training.data import Series
 
 
 def evaluate(
@@ -91,23 +93,58 @@ def evaluate_corpus(
     model_ref: str | None = None,
     models_dir: str | None = None,
     config: ScorerConfig | None = None,
+    train: argparse.Namespace | None = None,
 ) -> tuple[dict[str, Any], list[corpus.Device]]:
-    """A multichannel corpus (``mv-dev`` layout) through the scorer, and its protocol's figures."""
+    """A multichannel corpus (``mv-dev`` layout) through the scorer, and its protocol's figures.
+    ``train``: first train a model on the devices' train parts with that recipe (``sensorwatch
+    train``'s options) and evaluate with it."""
     devices = corpus.load(root)
     channels = len(devices[0].channels)
-    model, version = load_default_or_builtin(model_ref, models_dir, channels=channels)
+    trained: dict[str, Any] = {}
+    if train is not None:
+        model, version, trained = _train_on(devices, train)
+    else:
+        model, version = load_default_or_builtin(model_ref, models_dir, channels=channels)
     if model.config.channels != channels:
         raise ValueError(f"model {version} has {model.config.channels} channels, the corpus {channels}")
     scorer = StreamScorer(model, config or ScorerConfig(), model_version=version)
     t0 = time.monotonic()
     corpus.stream(devices, scorer)
-    report = {"model": version, "seconds": round(time.monotonic() - t0, 2), **corpus.metrics(devices)}
+    report = {"model": version, "seconds": round(time.monotonic() - t0, 2), **trained}
+    report.update(corpus.metrics(devices))
     return report, devices
+
+
+def _train_on(devices: list[corpus.Device], args: argparse.Namespace) -> tuple[Any, str, dict[str, Any]]:
+    """Train on every device's rows before ``train_end`` (the normal history the protocol allows)."""
+    series = [
+        Series(d.name, d.channels, d.ts[: d.train_end], d.values[: d.train_end])
+        for d in devices
+        if d.train_end >= 2
+    ]
+    out = Path(args.train_out) if args.train_out else None
+    t0 = time.monotonic()
+    result = train_and_save(series, args, out)
+    info = {
+        "training": {
+            "series": len(series),
+            "rows": int(sum(len(s.ts) for s in series)),
+            "cell": args.cell,
+            "hidden": args.hidden,
+            "seed": args.seed,
+            "best_epoch": result.best_epoch,
+            "val_nll": result.best_val,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+    }
+    return result.model, f"trained-{args.cell}{args.hidden}-seed{args.seed}", info
 
 
 def _corpus_main(args: argparse.Namespace, config: ScorerConfig) -> int:
     try:
-        report, devices = evaluate_corpus(args.corpus, args.model, args.models_dir, config)
+        report, devices = evaluate_corpus(
+            args.corpus, args.model, args.models_dir, config, train=args if args.train else None
+        )
     except (ValueError, OSError, KeyError) as exc:
         print(f"sensorwatch evaluate: {exc}".splitlines()[0], file=sys.stderr)
         return 2
@@ -152,6 +189,9 @@ def evaluate_main(args: argparse.Namespace) -> int:
         return 2
     if args.corpus:
         return _corpus_main(args, config)
+    if args.train:
+        print("sensorwatch evaluate: --train is for --corpus", file=sys.stderr)
+        return 2
     report, scores, files = evaluate(args.nab, args.model, args.models_dir, config)
     nab = report["nab"]
     print(
@@ -189,6 +229,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--corpus", help="multichannel corpus: <device>.csv files and labels.json (the mv-dev layout)"
     )
     e.add_argument("--model", default=None)
+    e.add_argument(
+        "--train",
+        action="store_true",
+        help="--corpus: first train a model on the devices' rows before train_end (the recipe of "
+        "sensorwatch train: --cell, --hidden, --epochs, --seed, ...) and evaluate with it",
+    )
+    e.add_argument("--train-out", help="--train: also save the model as this models/NAME")
     e.add_argument("--models-dir", default=None)
     e.add_argument("--calibrator", choices=("likelihood", "threshold"), default="likelihood")
     e.add_argument(
@@ -203,4 +250,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write score CSVs under this directory (NAB: timestamp,value,anomaly_score; --corpus: "
         "timestamp,is_anomaly,likelihood,kind,attribution_<channel>...)",
     )
+    add_recipe_arguments(e)
     e.set_defaults(func=evaluate_main)

@@ -563,20 +563,22 @@ def _score(
     surprise = -log_short / LN10
     if P.point_likelihood:
         surprise = max(surprise, -point_c.log_tail(raw, P.score_c) / LN10)
-    # hard checks: range, stuck
+    # hard checks: spike, range, stuck
+    spike = stuck = False
+    if P.spike_check:
+        calm = not P.alert_filter or row[ofs.alert_filter.previous_surprise] < P.episode_cut
+        spike = spike_c.hit(
+            row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window, calm
+        )  # fmt: skip
     out_of_range = False
     if P.range_check:
         out_of_range = range_c.check(
             row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin, ts,
             P.range_arm_s,
         )  # fmt: skip
-    hard = out_of_range
-    spike = stuck = False
-    if P.spike_check:
-        spike = spike_c.hit(row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window)
-        hard = hard or spike  # the decision's, not the likelihood's
+    hard = out_of_range or spike  # a spike hit is the decision's, not the likelihood's
     if P.stuck_check:
-        log_stuck = stuck_c.log_tail(row, ofs.stuck_check, x, observed, P.norm_window)
+        log_stuck = stuck_c.log_tail(row, ofs.stuck_check, x, observed, P.norm_window, P.stuck_cut)
         if not armed:
             log_stuck = 0.0
         stuck = log_stuck <= P.stuck_cut

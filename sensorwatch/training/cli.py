@@ -15,25 +15,12 @@ import torch
 from sensorwatch.artifacts import list_models, load_model, save_model
 from sensorwatch.model.forecaster import ForecasterConfig
 from sensorwatch.scoring.config import ScorerConfig
-from sensorwatch.training.data import fingerprint, read_series
-from sensorwatch.training.trainer import TrainConfig, Trainer, resolve_device
+from sensorwatch.training.data import Series, fingerprint, read_series
+from sensorwatch.training.trainer import TrainConfig, Trainer, TrainResult, resolve_device
 
 
-def train_main(args: argparse.Namespace) -> int:
-    try:
-        resolve_device(args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    paths = [p for pattern in args.data for p in _expand(pattern)]
-    if not paths:
-        print("error: no CSV or Parquet files matched --data", file=sys.stderr)
-        return 2
-    series = [read_series(p) for p in paths]
-    channels = series[0].channels
-    if any(s.channels != channels for s in series):
-        print("error: every file must have the same channel columns", file=sys.stderr)
-        return 2
+def recipe(args: argparse.Namespace, channels: list[str]) -> tuple[ForecasterConfig, TrainConfig]:
+    """The architecture and training settings of ``sensorwatch train`` (and ``evaluate --train``)."""
     arch = ForecasterConfig(
         cell=args.cell,
         hidden_size=args.hidden,
@@ -52,17 +39,52 @@ def train_main(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    return arch, tcfg
+
+
+def reproducible(device: str) -> None:
+    """Deterministic kernels and one thread, so that the same data and seed give the same weights."""
     # On CUDA some kernels have no deterministic version: warn instead of failing there (the CPU is the
     # reproducible path; a GPU run is seeded but not bit-for-bit).
-    torch.use_deterministic_algorithms(True, warn_only=args.device != "cpu")
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     # Float reductions depend on the thread count: one thread makes the weights (and the card's sha256)
     # the same on every run of a machine, whatever its core count. Kernels still differ between CPU
     # models, so the card records the machine the weights were built on.
     torch.set_num_threads(1)
-    out = Path(args.out)
-    trainer = Trainer(arch, ScorerConfig(), tcfg, checkpoint_dir=out / ".checkpoint")
-    result = trainer.fit(series, resume=args.resume)
-    version = args.version or _next_version(out)
+
+
+def train_main(args: argparse.Namespace) -> int:
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = [p for pattern in args.data for p in _expand(pattern)]
+    if not paths:
+        print("error: no CSV or Parquet files matched --data", file=sys.stderr)
+        return 2
+    series = [read_series(p) for p in paths]
+    channels = series[0].channels
+    if any(s.channels != channels for s in series):
+        print("error: every file must have the same channel columns", file=sys.stderr)
+        return 2
+    train_and_save(series, args, Path(args.out), resume=args.resume)
+    return 0
+
+
+def train_and_save(
+    series: list[Series], args: argparse.Namespace, out: Path | None, resume: bool = False
+) -> TrainResult:
+    """Train on ``series`` with the recipe in ``args``; save as ``out`` = models/NAME (next version,
+    or ``args.version``) with its card, unless ``out`` is None."""
+    arch, tcfg = recipe(args, series[0].channels)
+    reproducible(args.device)
+    checkpoints = out / ".checkpoint" if out is not None else None
+    trainer = Trainer(arch, ScorerConfig(), tcfg, checkpoint_dir=checkpoints)
+    result = trainer.fit(series, resume=resume)
+    if out is None:
+        return result
+    version = getattr(args, "version", None) or _next_version(out)
     card_extra = {
         "training": {
             "files": len(series),
@@ -84,7 +106,7 @@ def train_main(args: argparse.Namespace) -> int:
         f"saved {out.name}/{version}: val_nll {result.best_val:.4f} (epoch {result.best_epoch}), "
         f"sha256 {card['sha256']}"
     )
-    return 0
+    return result
 
 
 #: ScorerConfig fields that shape the model's input features (they must match at scoring time).
@@ -176,13 +198,8 @@ def simulate_files(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train a forecaster with BPTT; writes models/NAME/VERSION")
-    t.add_argument(
-        "--data", nargs="+", required=True, help="CSV files, directories or globs (one CSV per device)"
-    )
-    t.add_argument("--out", required=True, help="models/NAME")
-    t.add_argument("--version", help="artifact version (default: next integer)")
+def add_recipe_arguments(t: argparse.ArgumentParser) -> None:
+    """The training recipe's options (architecture, BPTT, optimiser, seed, device)."""
     t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
     t.add_argument("--hidden", type=int, default=32)
     t.add_argument("--layers", type=int, default=1)
@@ -210,6 +227,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="--seasonal: seconds per bin of the seasonal memory (divides a day; 300 = exact lags for "
         "5-minute sensors, 2,017 slots per channel and device)",
     )
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a forecaster with BPTT; writes models/NAME/VERSION")
+    t.add_argument(
+        "--data", nargs="+", required=True, help="CSV files, directories or globs (one CSV per device)"
+    )
+    t.add_argument("--out", required=True, help="models/NAME")
+    t.add_argument("--version", help="artifact version (default: next integer)")
+    add_recipe_arguments(t)
     t.add_argument("--resume", action="store_true", help="continue from models/NAME/.checkpoint")
     t.set_defaults(func=train_main)
 

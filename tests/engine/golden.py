@@ -1,10 +1,12 @@
 """Golden outputs of the production scorer, frozen before the scoring core was restructured (#11).
 
 ``python -m tests.engine.golden --write`` records every output column of :class:`StreamScorer` for
-each scenario below into ``tests/engine/golden/<name>.npz``; ``test_golden.py`` re-runs the scenarios
-and compares. The files were written by the torch implementation of the calibration (commit 53452e9)
-and must not be rewritten to make a change pass: a change that moves an output is a change of
-behaviour and needs its own measurement.
+each scenario below into ``tests/engine/golden/<name>.npz`` and the CPU it ran on into
+``golden/machine.json``; ``test_golden.py`` re-runs the scenarios and compares. The files were
+written by the torch implementation of the calibration (commit 53452e9) and rewritten once since,
+for a change of method with its own measurement (the stuck check's run-length model, #12: see
+``docs/scoring-core.md``). They must not be rewritten to make a change pass: a change that moves an
+output is a change of behaviour and needs its own measurement.
 
 Scenarios (each streams readings causally, in batches shaped like production traffic):
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import platform
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -165,12 +169,25 @@ def run(name: str) -> dict[str, np.ndarray]:
     return {c: np.concatenate(v) for c, v in parts.items()}
 
 
+def cpu_model() -> str:
+    """The CPU model name (torch's float32 kernels, and so the forecasts, differ by CPU model)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="(re)write the golden files")
     ap.add_argument("names", nargs="*", default=list(SCENARIOS))
     args = ap.parse_args()
     GOLDEN_DIR.mkdir(exist_ok=True)
+    if args.write:
+        (GOLDEN_DIR / "machine.json").write_text(json.dumps({"cpu": cpu_model()}) + "\n")
     for name in args.names:
         out = run(name)
         if args.write:

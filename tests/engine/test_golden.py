@@ -1,20 +1,30 @@
 """The scorer's outputs equal the golden outputs frozen before the core was restructured (#11).
 
 See ``tests/engine/golden.py`` for the scenarios. Flags, rejection reasons and NaN patterns must be
-identical; numbers within ``1e-6·max(1, |golden|)``. The worst differences measured are recorded in
-``docs/scoring-core.md`` (they come from float summation order in the fused kernel, not from a
-change of method).
+identical; numbers within ``1e-6·max(1, |golden|)`` on the CPU model that wrote the files
+(``golden/machine.json``), within ``1e-4·max(1, |golden|)`` on another: torch's float32 LSTM kernels
+are vectorised differently per CPU model, and between two Xeon models the forecasts differed by up
+to 2.8e-6 and the z-scores by 4.6e-5 (same commit, same files, every flag the same). The worst
+differences measured are recorded in ``docs/scoring-core.md`` (they come from float summation order,
+not from a change of method).
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from tests.engine.golden import COLUMNS, GOLDEN_DIR, SCENARIOS, SHARED, run
+from tests.engine.golden import COLUMNS, GOLDEN_DIR, SCENARIOS, SHARED, cpu_model, run
 from tests.engine.helpers import assert_close
 
-TOL = 1e-6
+SAME_CPU_TOL, OTHER_CPU_TOL = 1e-6, 1e-4
+TOL = (
+    SAME_CPU_TOL
+    if json.loads((GOLDEN_DIR / "machine.json").read_text())["cpu"] == cpu_model()
+    else OTHER_CPU_TOL
+)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -38,6 +38,7 @@ STATE = (
     Field("quiet", CHANNELS, 0.0),
     Field("count", CHANNELS, 0.0),
     Field("abs_mean", CHANNELS, 0.0),
+    Field("tail", CHANNELS, 0.0),  # running TAIL_P quantile of |residual| in calm readings
 )
 Offsets = offsets_type(STATE)
 #: A residual beyond this many units counts as this large in the unit's mean.
@@ -53,6 +54,12 @@ MIN_COUNT = 16.0
 ECHO = 3.0
 #: σ of a Gaussian per mean absolute deviation.
 SIGMA_PER_MAD = math.sqrt(math.pi / 2.0)
+#: The quantile of |residual| the tail unit tracks, and a Gaussian's |Z| there (σ per quantile).
+TAIL_P = 0.99
+TAIL_Z = 2.5758293035489004
+#: Step of the quantile tracker in bulk units: an exceedance moves it up by ≈ this, any other
+#: reading down by (1 − TAIL_P) × this — one residual, however large, moves it by 0.05 units.
+TAIL_STEP = 0.05
 
 
 def enabled(setup: object) -> bool:
@@ -60,16 +67,18 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def hit(row, o, e, scored, armed, spike_z, window):
+def hit(row, o, e, scored, armed, spike_z, window, calm):
     """Whether any scored channel's residual ``e`` reaches ``spike_z`` units outside the echo of its
-    last hit (``armed``: past warm-up); learns each channel's unit and counts down its echo."""
+    last hit (``armed``: past warm-up); learns each channel's unit and counts down its echo. The
+    tail learns only when ``calm`` (the device's previous reading was not surprising)."""
     any_hit = False
     for j in range(e.size):
         if not scored[j]:
             continue
-        n, mad, quiet = row[o.count + j], row[o.abs_mean + j], row[o.quiet + j]
+        n, mad, quiet, tail = row[o.count + j], row[o.abs_mean + j], row[o.quiet + j], row[o.tail + j]
         learnt = n - SKIP  # residuals in the unit so far
-        unit = SIGMA_PER_MAD * mad
+        bulk = SIGMA_PER_MAD * mad
+        unit = max(bulk, tail / TAIL_Z)
         big = armed and learnt >= MIN_COUNT and unit > 0.0 and abs(e[j]) >= spike_z * unit
         row[o.quiet + j] = max(quiet - 1.0, 0.0)
         if big and quiet == 0.0:
@@ -82,6 +91,9 @@ def hit(row, o, e, scored, armed, spike_z, window):
         if learnt < 0.0:
             continue  # the cold start: the normaliser's first readings
         a = abs(e[j])
+        if calm:  # the tail: a stochastic-approximation quantile, bounded steps
+            step = TAIL_STEP * (bulk if learnt > 0.0 else a)
+            row[o.tail + j] = max(tail + step * ((1.0 if a > tail else 0.0) - (1.0 - TAIL_P)), 0.0)
         if learnt >= CLIP_FROM:
             a = min(a, CLIP * unit)  # from the first few on: an early outlier cannot swamp the unit
         row[o.abs_mean + j] = mad + (a - mad) / min(learnt + 1.0, window)
