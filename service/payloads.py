@@ -156,6 +156,7 @@ def anomaly_event(record: dict[str, Any]) -> dict[str, Any]:
         "device_id",
         "ts",
         "kind",
+        "severity",
         "value",
         "raw_score",
         "smoothed_score",

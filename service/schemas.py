@@ -83,6 +83,7 @@ RESULT_EXAMPLE: dict[str, Any] = {
     "likelihood": 0.41,
     "is_anomaly": False,
     "kind": None,
+    "severity": None,
     "value": {"ch0": 21.6},
     "attribution": {"ch0": 1.0},
     "warming_up": False,

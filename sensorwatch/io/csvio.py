@@ -15,7 +15,7 @@ from typing import TextIO
 
 import numpy as np
 
-from sensorwatch.scoring.batch import KINDS, StepResult
+from sensorwatch.scoring.batch import KINDS, SEVERITIES, StepResult
 
 
 def parse_csv_ts(s: str) -> float:
@@ -86,6 +86,7 @@ def result_header(channels: list[str]) -> list[str]:
         "threshold",
         "is_anomaly",
         "kind",
+        "severity",
         "warming_up",
         "gap_reset",
         *per_ch,
@@ -97,7 +98,7 @@ def result_rows(res: StepResult) -> Iterator[list[str]]:
     multi = res.predicted.shape[1] > 1
     for i in range(len(res)):
         if not res.accepted[i]:
-            blanks = [""] * (8 + res.predicted.shape[1] * (3 if multi else 2))
+            blanks = [""] * (9 + res.predicted.shape[1] * (3 if multi else 2))
             yield [*blanks, str(res.reason[i])]
             continue
         per_ch = [_f(v) for v in res.predicted[i]] + [_f(v) for v in res.z[i]]
@@ -110,6 +111,7 @@ def result_rows(res: StepResult) -> Iterator[list[str]]:
             _f(res.threshold[i]),
             str(int(res.is_anomaly[i])),
             KINDS[res.kind[i]] or "",
+            SEVERITIES[res.severity[i]] or "",
             str(int(res.warming_up[i])),
             str(int(res.gap_reset[i])),
             *per_ch,

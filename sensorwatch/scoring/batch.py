@@ -298,6 +298,8 @@ def _parse_values(
 
 #: Names of the anomaly kinds (``StepResult.kind`` codes; ``components.decision`` says what each is).
 KINDS = (None, "pattern", "contextual", "spike", "stuck", "out_of_range")
+#: Severity names by code (``components.decision.severity_of``; 0: not an anomaly).
+SEVERITIES = (None, "low", "medium", "high", "critical")
 
 #: Per-reading result columns (besides device_id, ts, accepted, reason and model_version).
 RESULT_COLUMNS = (
@@ -343,6 +345,8 @@ class StepResult:
     """(N,) bool: an anomaly continuing its device's stuck or out-of-range episode (no new event)."""
     ended: np.ndarray
     """(N,) int8: the kind of the device's episode that ended just before this reading (0: none)."""
+    severity: np.ndarray
+    """(N,) int8: how urgent an anomaly is (an index into :data:`SEVERITIES`; 0 for other readings)."""
     model_version: str
     channel_names: tuple[str, ...]
     _notable: list[int] | None = field(default=None, repr=False, compare=False)
@@ -390,6 +394,7 @@ class StepResult:
             kind=np.zeros(n, dtype=np.int8),
             continues=f1.copy(),
             ended=np.zeros(n, dtype=np.int8),
+            severity=np.zeros(n, dtype=np.int8),
             value=batch.values.copy() if batch.values.shape[1] == channels else nanc.copy(),
             model_version=model_version,
             channel_names=channel_names,
@@ -415,6 +420,7 @@ class StepResult:
             "likelihood": float(self.likelihood[i]),
             "is_anomaly": bool(self.is_anomaly[i]),
             "kind": KINDS[self.kind[i]] if self.is_anomaly[i] else None,
+            "severity": SEVERITIES[self.severity[i]] if self.is_anomaly[i] else None,
             "continues": bool(self.continues[i]),
             "episode_ended": KINDS[self.ended[i]],
             "value": _channel_dict(names, self.value[i]),

@@ -47,7 +47,7 @@ from sensorwatch.scoring.components.common import (
     raw_score,
     surprise_to_likelihood,
 )
-from sensorwatch.scoring.components.decision import decide, kind_of
+from sensorwatch.scoring.components.decision import decide, kind_of, severity_of
 from sensorwatch.scoring.components.likelihood import commit, short_term_tail
 from sensorwatch.scoring.features import season_slots
 
@@ -172,7 +172,7 @@ def outputs(result: Any) -> tuple[np.ndarray, ...]:
     r = result
     return (
         r.predicted, r.z, r.raw_score, r.smoothed_score, r.threshold, r.likelihood, r.is_anomaly,
-        r.attribution, r.warming_up, r.kind, r.continues, r.ended,
+        r.attribution, r.warming_up, r.kind, r.continues, r.ended, r.severity,
     )  # fmt: skip
 
 
@@ -495,7 +495,7 @@ def _score(
     reading. ``f64`` rows 0–5 and ``flags`` rows 0–3 are scratch."""
     c = x.size
     (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
-     out_attribution, out_warming, out_kind, out_continues, out_ended) = out  # fmt: skip
+     out_attribution, out_warming, out_kind, out_continues, out_ended, out_severity) = out  # fmt: skip
     z, attr, sx_z, sx_attr, ref, resid = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
     scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
     of, ol = ofs.forecast, ofs.likelihood
@@ -586,6 +586,7 @@ def _score(
         surprise = max(surprise, -log_stuck / LN10)
     if out_of_range:
         surprise = math.inf
+    evidence = surprise  # before the alert filter (the severity's)
     # alert filter, likelihood
     previous_s = 0.0
     remembered = 0.0
@@ -606,6 +607,11 @@ def _score(
     out_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
     out_kind[b] = kind_of(out_anomaly[b], out_of_range, spike, stuck, seasonal_won)
     out_continues[b], out_ended[b] = episode_c.track(row, ofs.episode, out_kind[b])
+    deviation = 0.0
+    for j in range(c):
+        if scored[j]:
+            deviation = max(deviation, abs(z[j]))
+    out_severity[b] = severity_of(out_kind[b], evidence, deviation, P.filter_red)
     if P.threshold_calibrator and has_pred:
         threshold_c.update(row, ofs.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo, undo_n)
     out_threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold

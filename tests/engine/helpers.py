@@ -23,7 +23,7 @@ BOOL_COLUMNS = ("is_anomaly", "warming_up", "gap_reset", "imputed", "accepted")
 #: The per-reading arrays of a StepResult when the golden outputs were frozen.
 FROZEN_COLUMNS = ("ts", "reason", *NUMERIC_TOL, *BOOL_COLUMNS)
 #: Every per-reading array of a StepResult (``kind`` and ``value`` came with the spike check).
-ARRAY_COLUMNS = (*FROZEN_COLUMNS, "kind", "value", "continues", "ended")
+ARRAY_COLUMNS = (*FROZEN_COLUMNS, "kind", "value", "continues", "ended", "severity")
 
 T0 = 1_700_000_000.0
 #: Health checks the hypothesis contract tests suppress (fixtures per example, slow scorers, big data).
@@ -70,7 +70,7 @@ def assert_results_match(
             continue
         tol = atol * magnitude[None, :] if col == "predicted" and magnitude is not None else atol
         assert_close(col, getattr(got, col), getattr(want, col), rtol, tol)
-    for col in (*BOOL_COLUMNS, "kind", "value", "continues", "ended"):
+    for col in (*BOOL_COLUMNS, "kind", "value", "continues", "ended", "severity"):
         np.testing.assert_array_equal(getattr(got, col), getattr(want, col), err_msg=col)
 
 

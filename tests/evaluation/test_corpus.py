@@ -57,7 +57,7 @@ def test_the_protocol_figures_on_hand_made_alarms() -> None:
     assert att["chance_top3"] == pytest.approx(0.75)
 
 
-def test_evaluate_corpus_end_to_end(tmp_path: Path) -> None:
+def write_corpus(root: Path) -> int:
     rng = np.random.default_rng(0)
     n, names = 600, ["p", "q", "r"]
     labels = {"devices": {}}
@@ -67,14 +67,19 @@ def test_evaluate_corpus_end_to_end(tmp_path: Path) -> None:
         )
         x[400, 1] += 5.0  # a spike on channel q inside the window
         rows = [f"{1_700_000_000 + 60 * i},{','.join(f'{v:.5f}' for v in x[i])}" for i in range(n)]
-        (tmp_path / f"dev{k}.csv").write_text("timestamp," + ",".join(names) + "\n" + "\n".join(rows) + "\n")
+        (root / f"dev{k}.csv").write_text("timestamp," + ",".join(names) + "\n" + "\n".join(rows) + "\n")
         labels["devices"][f"dev{k}"] = {
             "file": f"dev{k}.csv",
             "n_rows": n,
             "train_end": 200,
             "windows": [{"start": 395, "end": 405, "channels": ["q"]}],
         }
-    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    (root / "labels.json").write_text(json.dumps(labels))
+    return n
+
+
+def test_evaluate_corpus_end_to_end(tmp_path: Path) -> None:
+    n = write_corpus(tmp_path)
     out = tmp_path / "report.json"
     scores = tmp_path / "scores"
     cmd = [
@@ -99,3 +104,30 @@ def test_evaluate_corpus_end_to_end(tmp_path: Path) -> None:
     assert header == "timestamp,is_anomaly,likelihood,kind,attribution_p,attribution_q,attribution_r"
     assert len(lines) == n
     assert lines[400].split(",")[1:4:2] == ["1", "spike"]
+
+
+def test_evaluate_corpus_trains_on_the_train_parts(tmp_path: Path) -> None:
+    """``--train``: a model trained on the rows before ``train_end`` (the recipe of ``sensorwatch
+    train``), saved with ``--train-out``, and the corpus evaluated with it."""
+    write_corpus(tmp_path)
+    out = tmp_path / "report.json"
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-m", "sensorwatch.cli", "evaluate", "--corpus", str(tmp_path), "--train"]
+    opts = ["--epochs", "2", "--hidden", "8", "--seed", "3", "--train-out", str(models / "mv")]
+    proc = subprocess.run([*cmd, *opts, "--json", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["model"] == "trained-lstm8-seed3"
+    assert report["training"]["series"] == 2
+    assert report["training"]["rows"] == 2 * 200
+    assert report["windows"] == 2
+    card = json.loads((models / "mv" / "1" / "card.json").read_text())
+    assert card["training"]["readings"] == 400
+    bad = subprocess.run(
+        [sys.executable, "-m", "sensorwatch.cli", "evaluate", "--nab", str(tmp_path), "--train"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert bad.returncode == 2
+    assert "--train is for --corpus" in bad.stderr
