@@ -162,6 +162,8 @@ def _corpus_main(args: argparse.Namespace, config: ScorerConfig) -> int:
         "point_f1",
     ):
         print(f"  {key:<34}{report[key]:>8.3f}")
+    kinds = ", ".join(f"{k} {n}" for k, n in report["false_alarm_episodes_by_kind"].items())
+    print(f"  false-alarm episodes by the check that started them: {kinds or 'none'}")
     att = report.get("attribution")
     if att:
         print(

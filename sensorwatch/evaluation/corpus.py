@@ -109,6 +109,7 @@ def metrics(devices: list[Device]) -> dict[str, Any]:
     """The protocol's figures over the corpus (pooled over devices)."""
     windows = detected = alarms = alarms_in = episodes = episodes_in = scored_rows = 0
     tp = fp = fn = 0
+    false_kinds: dict[str, int] = {}
     delays: list[int] = []
     top1 = top3 = z_top1 = z_top3 = chance1 = chance3 = attributed = 0.0
     for d in devices:
@@ -127,7 +128,11 @@ def metrics(devices: list[Device]) -> dict[str, Any]:
         fn += int((~alarm & inside & scored).sum())
         for a, b in _episodes(alarm):
             episodes += 1
-            episodes_in += int(inside[a : b + 1].any())
+            touches = bool(inside[a : b + 1].any())
+            episodes_in += int(touches)
+            if not touches:  # which check started the false alarm
+                name = (KINDS[d.kind[a]] if d.kind.size else None) or "?"
+                false_kinds[name] = false_kinds.get(name, 0) + 1
         for w in d.windows:
             lo, hi = max(w["start"], d.train_end), w["end"]
             if hi < lo:
@@ -167,6 +172,7 @@ def metrics(devices: list[Device]) -> dict[str, Any]:
         "alarm_episodes": episodes,
         "event_precision": episodes_in / episodes if episodes else math.nan,
         "false_alarm_episodes_per_1k_rows": 1000.0 * (episodes - episodes_in) / max(scored_rows, 1),
+        "false_alarm_episodes_by_kind": dict(sorted(false_kinds.items())),
         "median_delay_rows": float(np.median(delays)) if delays else math.nan,
         "point_f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else math.nan,
     }

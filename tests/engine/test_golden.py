@@ -35,7 +35,12 @@ def test_outputs_match_golden(name: str) -> None:
     got = run(name)
     for col in COLUMNS:
         g, w = got[col], want[col]
-        if w.dtype.kind in "bU":
+        if col == "is_anomaly" and TOL == OTHER_CPU_TOL:
+            # Another CPU model: a likelihood within float noise of the cut may land on the other
+            # side (none did between the two CPU models measured); at most 1 in 2,000 readings.
+            differ = int((g.astype(bool) != w).sum())
+            assert differ <= len(w) // 2000, f"{name}.{col}: {differ} flags differ"
+        elif w.dtype.kind in "bU":
             np.testing.assert_array_equal(g.astype(w.dtype), w, err_msg=f"{name}.{col}")
         else:
             assert_close(f"{name}.{col}", g, w, TOL, TOL)
