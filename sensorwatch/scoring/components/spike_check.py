@@ -39,6 +39,7 @@ STATE = (
     Field("count", CHANNELS, 0.0),
     Field("abs_mean", CHANNELS, 0.0),
     Field("tail", CHANNELS, 0.0),  # running TAIL_P quantile of |residual| in calm readings
+    Field("log_gain", CHANNELS, 0.0),  # log of the channel's threshold multiplier (≥ 0)
 )
 Offsets = offsets_type(STATE)
 #: A residual beyond this many units counts as this large in the unit's mean.
@@ -60,6 +61,12 @@ TAIL_Z = 2.5758293035489004
 #: Step of the quantile tracker in bulk units: an exceedance moves it up by ≈ this, any other
 #: reading down by (1 − TAIL_P) × this — one residual, however large, moves it by 0.05 units.
 TAIL_STEP = 0.05
+#: The false-hit budget: hits per reading (a device's channels together) that the threshold
+#: multiplier lets through where even the tail unit underrates the residuals' tail.
+HIT_BUDGET = 1e-4
+#: log-step of the multiplier per hit made while calm (×1.05); it decays by HIT_BUDGET / channels of
+#: that per reading, so it settles where such hits come at the budget's rate.
+GAIN_STEP = 0.05
 
 
 def enabled(setup: object) -> bool:
@@ -72,17 +79,22 @@ def hit(row, o, e, scored, armed, spike_z, window, calm):
     last hit (``armed``: past warm-up); learns each channel's unit and counts down its echo. The
     tail learns only when ``calm`` (the device's previous reading was not surprising)."""
     any_hit = False
+    budget = HIT_BUDGET / e.size
     for j in range(e.size):
         if not scored[j]:
             continue
         n, mad, quiet, tail = row[o.count + j], row[o.abs_mean + j], row[o.quiet + j], row[o.tail + j]
+        log_gain = row[o.log_gain + j]
         learnt = n - SKIP  # residuals in the unit so far
         bulk = SIGMA_PER_MAD * mad
-        unit = max(bulk, tail / TAIL_Z)
-        big = armed and learnt >= MIN_COUNT and unit > 0.0 and abs(e[j]) >= spike_z * unit
+        unit = max(bulk, tail / TAIL_Z) * math.exp(log_gain)
+        far = learnt >= MIN_COUNT and unit > 0.0 and abs(e[j]) >= spike_z * unit and quiet == 0.0
         row[o.quiet + j] = max(quiet - 1.0, 0.0)
-        if big and quiet == 0.0:
-            any_hit = True
+        if learnt >= MIN_COUNT:  # the multiplier: up a step per calm hit, down at the budget's rate
+            up = 1.0 if far and calm else 0.0
+            row[o.log_gain + j] = max(log_gain + GAIN_STEP * (up - budget), 0.0)
+        if far:
+            any_hit = any_hit or armed
             row[o.quiet + j] = ECHO
         # Every residual teaches the unit, a large one as CLIP units: one spike barely moves it,
         # residuals that stay large (a channel the model no longer follows) widen it within a few

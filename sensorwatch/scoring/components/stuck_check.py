@@ -8,8 +8,8 @@ The tail is the channel's own run-length survival, learnt without a parametric s
     log P(run ≥ r) = log((S₀ + 1) / (N + 2)) + Σ_k log((S_k + 1) / (S_{k−1} + 2))
 
 over the octaves it has passed (the last one in proportion to log₂ r), without the current run's
-own counts. An octave below which the channel has no run yet (S_{k−1} = 0) falls back to
-independent repeats: factor p^(2^(k−1)), p the (Laplace-smoothed) share of all comparisons that
+own counts. A channel that has had no run of two repeats or more yet falls back to independent
+repeats: factor p^(2^(k−1)) per octave, p the (Laplace-smoothed) share of all comparisons that
 were repeats. So a noisy sensor that freezes (p ≈ 1/n) is caught at its second repeat, a channel
 that has never changed (p ≈ 1) is not stuck, and a channel with a history of runs follows its own
 run lengths: one that routinely sits flat for a while (server counters, quantised or idle signals)
@@ -52,6 +52,9 @@ STATE = (
 )
 Offsets = offsets_type(STATE)
 LN2 = math.log(2.0)
+#: Weight of a flagged run in the counts once it has ended: a freeze does not make the next freeze
+#: look normal, yet a flat stretch that recurs (a daily idle hour) is learnt within a few times.
+FLAGGED_WEIGHT = 0.5
 
 
 def enabled(setup: object) -> bool:
@@ -66,16 +69,27 @@ def run_log_tail(row, o, j, run, own):
     s_prev = row[base] - own  # the current run has passed octave 0
     log_start = math.log((s_prev + 1.0) / (row[o.chances + j] + 2.0))
     log_p = math.log((row[o.repeats + j] + 1.0) / (row[o.compared + j] + 2.0))
+    # Whether the channel has had runs of its own: one past run of 2 repeats or more (a flagged one
+    # counts half, so one freeze does not make the channel a "flat" one).
+    has_runs = row[base + 1] - (own if run >= 2.0 else 0.0) >= 1.0
     out = log_start
     octave = math.log(run) / LN2
+    last = -LN2  # the factor of the last octave with data (½ when none)
     k = 1
     while k < OCTAVES and k - 1 < octave:
         s_k = row[base + k]
         if k <= octave:
             s_k -= own  # … and this one
-        # Runs of this channel have reached the octave below: their share; none has: independent
-        # repeats at rate p (p^(2^(k−1)) to double the run).
-        step = math.log((s_k + 1.0) / (s_prev + 2.0)) if s_prev > 0.0 else log_p * 2.0 ** (k - 1)
+        # A channel with runs of its own: their share, and beyond its longest the last octave's
+        # factor again (a tail keeps falling as it did); one without: independent repeats at rate
+        # p (p^(2^(k−1)) to double the run).
+        if not has_runs:
+            step = log_p * 2.0 ** (k - 1)
+        elif s_prev > 0.0:
+            step = math.log((s_k + 1.0) / (s_prev + 2.0))
+            last = min(step, -LN2)
+        else:
+            step = last
         out += step * min(octave - (k - 1), 1.0)
         s_prev = s_k
         k += 1
@@ -98,6 +112,12 @@ def _learn(row, o, j, was, rep, run, window):
                 row[base + k] *= 0.5
         row[o.chances + j] = n
     if not rep:
+        if row[o.flagged + j] != 0.0 and was > 0.0:  # a flagged run ended: it teaches at half weight
+            base = o.survived + j * OCTAVES
+            k = 0
+            while k < OCTAVES and 2.0**k <= was:
+                row[base + k] += FLAGGED_WEIGHT
+                k += 1
         row[o.flagged + j] = 0.0  # the run (if any) has ended
     elif row[o.flagged + j] == 0.0:
         octave = math.log(run) / LN2
