@@ -194,9 +194,9 @@ def student_t(seed: int, dof: float, rows: int) -> np.ndarray:
 
 def test_heavy_tailed_residuals_widen_the_unit_gaussian_ones_do_not() -> None:
     """The unit is the larger of the bulk (mean |residual|) and the tracked 0.99 quantile over a
-    Gaussian's: on Student-t(2) noise, whose tails the bulk underrates, the check's false hits drop
-    against the bulk unit alone; on Gaussian noise the two units agree, so +10σ spikes are all
-    caught either way."""
+    Gaussian's, times a multiplier held to a false-hit budget: on Student-t(2) noise, whose tails the
+    bulk underrates, the check's false hits drop against the bulk unit alone; on Gaussian noise the
+    units agree and the multiplier stays near 1, so +10σ spikes every 500 readings are all caught."""
     n = 6000
     cfg = ScorerConfig(range_margin=None, stuck_check=False, seasonal_check=False)
     ts = 1_767_225_600.0 + 60.0 * np.arange(n)
@@ -213,7 +213,7 @@ def test_heavy_tailed_residuals_widen_the_unit_gaussian_ones_do_not() -> None:
     first = steps[:500]
     bulk = np.sqrt(np.pi / 2) * np.mean(np.minimum(first, 4 * np.mean(first)))
     bulk_only = int((steps[500:] >= 5.0 * bulk).sum())
-    assert with_tail * 2 < bulk_only, (with_tail, bulk_only)  # measured 46 against 120
+    assert with_tail * 4 < bulk_only, (with_tail, bulk_only)  # measured 13 against 120
     gauss = np.cumsum(np.random.default_rng(2).standard_normal(n))
     spikes = np.arange(1000, n, 500)
     gauss[spikes] += 10.0
