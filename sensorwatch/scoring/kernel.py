@@ -402,7 +402,7 @@ def _score_range(
     """Readings ``first … last`` of a wave: bookkeeping, scoring, features, per reading."""
     P, ofs = params[0], offsets[0]
     c = P.channels
-    f64, flags = np.empty((8, c)), np.empty((5, c), np.bool_)
+    f64, flags = np.empty((9, c)), np.empty((5, c), np.bool_)
     e_thr, extra = np.empty(max(P.threshold_window, 1)), np.empty(5 * c)
     x, norm_scale, observed = f64[6], f64[7], flags[4]
     oc, on = ofs.core, ofs.normaliser
@@ -492,11 +492,12 @@ def _score(
 ):
     """Every scoring component for one reading, in order; fills its outputs at batch position ``b`` and
     returns its likelihood. ``dt_count``/``dt_log_mean``/``norm_scale``: the normaliser before this
-    reading. ``f64`` rows 0–5 and ``flags`` rows 0–3 are scratch."""
+    reading. ``f64`` rows 0–5 and 8 and ``flags`` rows 0–3 are scratch."""
     c = x.size
     (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
      out_attribution, out_warming, out_kind, out_continues, out_ended, out_severity) = out  # fmt: skip
     z, attr, sx_z, sx_attr, ref, resid = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
+    spike_ratio = f64[8]
     scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
     of, ol = ofs.forecast, ofs.likelihood
     armed = not warming
@@ -568,7 +569,8 @@ def _score(
     if P.spike_check:
         calm = not P.alert_filter or row[ofs.alert_filter.previous_surprise] < P.episode_cut
         spike = spike_c.hit(
-            row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window, calm
+            row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window, calm,
+            spike_ratio,
         )  # fmt: skip
     out_of_range = False
     if P.range_check:
@@ -623,6 +625,12 @@ def _score(
         out_predicted[b, j] = row[of.pred_mean + j] if has_pred else math.nan
         out_z[b, j] = z[j] if scored[j] else math.nan
         out_attribution[b, j] = sx_attr[j] if seasonal_won else attr[j]
+    if spike and not out_of_range:  # a spike is the channels' own residuals against their units
+        total = 0.0
+        for j in range(c):
+            total += spike_ratio[j] * spike_ratio[j]
+        for j in range(c):
+            out_attribution[b, j] = spike_ratio[j] * spike_ratio[j] / total if total > 0.0 else attr[j]
     return likelihood
 
 
@@ -729,7 +737,7 @@ def sequence_features(
     prediction, warming up)."""
     P, ofs = params[0], offsets[0]
     c = P.channels
-    f64, flags = np.empty((8, c)), np.empty((5, c), np.bool_)
+    f64, flags = np.empty((9, c)), np.empty((5, c), np.bool_)
     extra = np.empty(5 * c)
     x, observed = f64[6], flags[4]
     oc, on = ofs.core, ofs.normaliser
@@ -802,7 +810,7 @@ def sequence_score(
     last step, kept for the next batch."""
     P, ofs = params[0], offsets[0]
     c = P.channels
-    f64, flags = np.empty((8, c)), np.empty((5, c), np.bool_)
+    f64, flags = np.empty((9, c)), np.empty((5, c), np.bool_)
     e_thr = np.empty(max(P.threshold_window, 1))
     x, norm_scale, observed = f64[6], f64[7], flags[4]
     oc, of = ofs.core, ofs.forecast

@@ -219,3 +219,22 @@ def test_heavy_tailed_residuals_widen_the_unit_gaussian_ones_do_not() -> None:
     gauss[spikes] += 10.0
     flagged = hits(gauss)
     assert flagged[spikes].all(), spikes[~flagged[spikes]]
+
+
+def test_a_spike_is_attributed_to_its_channel() -> None:
+    """A spike hit's attribution is each channel's residual in its own spike unit (squared shares,
+    summing to 1): the channel that spiked ranks first with nearly all of it."""
+    rng = np.random.default_rng(8)
+    n = 1500
+    x = np.column_stack([np.sin(np.arange(n) / 8 + k) * (1 + k) for k in range(3)])
+    x += 0.05 * rng.standard_normal((n, 3))
+    x[900, 2] += 3.0  # channel 2 only
+    m, version = load_default_or_builtin("builtin", None, 3)
+    ts = 1_767_225_600.0 + 60.0 * np.arange(n)
+    res = StreamScorer(m, ScorerConfig(range_margin=None), model_version=version).step(
+        ReadingBatch(["d"] * n, ts, x)
+    )
+    assert res.is_anomaly[900]
+    assert int(np.argmax(res.attribution[900])) == 2
+    assert res.attribution[900, 2] > 0.9
+    assert res.attribution[900].sum() == pytest.approx(1.0)

@@ -74,13 +74,15 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def hit(row, o, e, scored, armed, spike_z, window, calm):
+def hit(row, o, e, scored, armed, spike_z, window, calm, ratio):
     """Whether any scored channel's residual ``e`` reaches ``spike_z`` units outside the echo of its
     last hit (``armed``: past warm-up); learns each channel's unit and counts down its echo. The
-    tail learns only when ``calm`` (the device's previous reading was not surprising)."""
+    tail learns only when ``calm`` (the device's previous reading was not surprising). ``ratio[j]``:
+    the residual in the channel's units (0 where not scored), which attributes a hit."""
     any_hit = False
     budget = HIT_BUDGET / e.size
     for j in range(e.size):
+        ratio[j] = 0.0
         if not scored[j]:
             continue
         n, mad, quiet, tail = row[o.count + j], row[o.abs_mean + j], row[o.quiet + j], row[o.tail + j]
@@ -88,6 +90,8 @@ def hit(row, o, e, scored, armed, spike_z, window, calm):
         learnt = n - SKIP  # residuals in the unit so far
         bulk = SIGMA_PER_MAD * mad
         unit = max(bulk, tail / TAIL_Z) * math.exp(log_gain)
+        if learnt >= MIN_COUNT and unit > 0.0:
+            ratio[j] = abs(e[j]) / unit
         far = learnt >= MIN_COUNT and unit > 0.0 and abs(e[j]) >= spike_z * unit and quiet == 0.0
         row[o.quiet + j] = max(quiet - 1.0, 0.0)
         if learnt >= MIN_COUNT:  # the multiplier: up a step per calm hit, down at the budget's rate
