@@ -29,10 +29,9 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import BIN, INJECT_AFTER, free_port
+from run import BIN, INJECT_AFTER, free_port, subscribe_anomalies
 
 RATE = 2.0
 AFTER = 5  # readings after an injected episode in which an event still counts for it
@@ -124,7 +123,6 @@ def subscribe(
     url: str, events: list[dict[str, Any]], ends: list[int], lock: threading.Lock, t0: float
 ) -> Any:
     import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
 
     def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         ev = json.loads(msg.payload)
@@ -134,13 +132,7 @@ def subscribe(
             else:
                 events.append({"at": time.monotonic() - t0, **ev})
 
-    u = urlsplit(url)
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-eval-{secrets.token_hex(3)}")
-    client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe("sensorwatch/anomalies/#", qos=1)
-    client.connect(u.hostname or "127.0.0.1", u.port or 1883)
-    client.loop_start()
-    return client
+    return subscribe_anomalies(url, on_message, "demo-eval", qos=1)
 
 
 def evaluate(

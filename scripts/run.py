@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
@@ -32,10 +34,8 @@ def print_first_events(url: str, started: float) -> object:
     """A subscriber that prints the first FIRST_EVENTS anomaly events (kind, device, value against
     the prediction) with the seconds since the fleet started; returns the client (stopped on exit)."""
     import json
-    from urllib.parse import urlsplit
 
     import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
 
     seen = [0]
 
@@ -48,17 +48,28 @@ def print_first_events(url: str, started: float) -> object:
             value = next(iter((ev.get("value") or {}).values()), None)
             pred = next(iter((ev.get("predicted") or {}).values()), None)
             what = "episode ended" if ev.get("episode") == "end" else f"value {value} (predicted {pred})"
-            line = f"{ev.get('kind')} on {ev.get('device_id')}: {what}"
+            severity = f" ({ev['severity']})" if ev.get("severity") else ""
+            line = f"{ev.get('kind')}{severity} on {ev.get('device_id')}: {what}"
         except (ValueError, TypeError, AttributeError):
             line = msg.payload[:200].decode(errors="replace")
         print(f"  [{time.monotonic() - started:5.1f} s] anomaly {seen[0]}/{FIRST_EVENTS}: {line}", flush=True)
         if seen[0] == FIRST_EVENTS:
             print("  (more: mosquitto_sub -t 'sensorwatch/anomalies/#' -v)", flush=True)
 
+    return subscribe_anomalies(url, on_message, "sensorwatch-demo", qos=0)
+
+
+def subscribe_anomalies(url: str, on_message: Callable[..., None], name: str, qos: int) -> Any:
+    """A started paho client subscribed to ``sensorwatch/anomalies/#`` calling ``on_message``."""
+    from urllib.parse import urlsplit
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
     u = urlsplit(url)
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sensorwatch-demo-{secrets.token_hex(3)}")
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{secrets.token_hex(3)}")
     client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe("sensorwatch/anomalies/#", qos=0)
+    client.on_connect = lambda c, *a: c.subscribe("sensorwatch/anomalies/#", qos=qos)
     client.connect(u.hostname or "127.0.0.1", u.port or 1883)
     client.loop_start()
     return client
