@@ -121,6 +121,8 @@ def test_anomaly_events_count_episodes_by_kind(client: TestClient) -> None:
     stuck = [res for res in flagged if res["kind"] == "stuck"]
     assert len(stuck) > 5
     assert sum(not res["continues"] for res in stuck) == 1
+    assert {res["severity"] for res in stuck} <= {"high", "critical"}  # REST results carry it
+    assert all(res["severity"] is None for res in r.json()["results"] if not res.get("is_anomaly"))
     text = client.get("/metrics").text
     assert metric(text, "sensorwatch_anomaly_events_total", kind="stuck") == 1
     assert metric(text, "sensorwatch_anomalies_total") == len(flagged)
