@@ -55,6 +55,11 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.admin_token is None:
+            log.warning(
+                "--insecure-no-auth: the admin endpoints (model reload, device reset) accept requests "
+                "from anyone who can reach this port"
+            )
         service = Service(settings, metrics)
         app.state.service = service
         service.start()
@@ -97,10 +102,10 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         token = settings.admin_token
         if token is None:
             return  # --insecure-no-auth
-        given = authorization.removeprefix("Bearer ").strip() if authorization else ""
-        if not (authorization and authorization.startswith("Bearer ")) or not hmac.compare_digest(
-            given.encode(), token.get_secret_value().encode()
-        ):
+        # Byte for byte, in constant time: the header exactly "Bearer <token>" (HTTP headers arrive as
+        # latin-1 text, so this is the bytes on the wire); nothing is stripped or normalised.
+        given = authorization.encode("latin-1", "replace") if authorization else b""
+        if not hmac.compare_digest(given, b"Bearer " + token.get_secret_value().encode()):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "admin token required", headers={"WWW-Authenticate": "Bearer"}
             )

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )
     mqtt_username: str | None = Field(None, description="Broker user (overrides the URL's).")
     mqtt_password: SecretStr | None = Field(None, description="Broker password (overrides the URL's).")
+    mqtt_password_file: Path | None = Field(
+        None,
+        description="File holding the broker password (Docker secrets; one trailing newline ignored); "
+        "exclusive with SENSORWATCH_MQTT_PASSWORD.",
+    )
     mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: system CAs).")
     mqtt_cert_file: Path | None = Field(None, description="Client certificate for mqtts:// (mutual TLS).")
     mqtt_key_file: Path | None = Field(None, description="Client key for mqtts://.")
@@ -115,7 +120,14 @@ class Settings(BaseSettings):
     )
     # --- security and limits ------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token for admin endpoints; required unless --insecure-no-auth."
+        None,
+        description="Bearer token for admin endpoints; required unless --insecure-no-auth. Printable "
+        "ASCII without spaces; compared byte for byte (in constant time) with the header's.",
+    )
+    admin_token_file: Path | None = Field(
+        None,
+        description="File holding the admin token (Docker secrets; one trailing newline ignored); "
+        "exclusive with SENSORWATCH_ADMIN_TOKEN.",
     )
     max_batch: int = Field(
         16_384,
@@ -134,7 +146,14 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "state_dir", "device_ttl_s", "mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", mode="before"
+        "state_dir",
+        "device_ttl_s",
+        "mqtt_ca_file",
+        "mqtt_cert_file",
+        "mqtt_key_file",
+        "admin_token_file",
+        "mqtt_password_file",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
@@ -165,6 +184,39 @@ class Settings(BaseSettings):
             err = exc.errors()[0]
             raise ValueError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            check_token(v.get_secret_value())
+        return v
+
+    @field_validator("admin_token_file")
+    @classmethod
+    def _token_file(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            check_token(read_secret(v))
+        return v
+
+    @field_validator("mqtt_password_file")
+    @classmethod
+    def _password_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not read_secret(v):
+            raise ValueError(f"{v} is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _secret_files(self) -> Settings:
+        """The *_FILE settings fill their secret (read once more: validated above)."""
+        for value, file in (("admin_token", "admin_token_file"), ("mqtt_password", "mqtt_password_file")):
+            path = getattr(self, file)
+            if path is None:
+                continue
+            if getattr(self, value) is not None:
+                raise ValueError(f"SENSORWATCH_{value.upper()} and SENSORWATCH_{file.upper()} are exclusive")
+            object.__setattr__(self, value, SecretStr(read_secret(path)))  # frozen: set once, here
+        return self
 
     @field_validator("mqtt_client_id")
     @classmethod
@@ -219,6 +271,24 @@ def scorer_items(text: str) -> list[str]:
 
 class SettingsError(ValueError):
     """Invalid configuration; the message is one line naming the setting."""
+
+
+def check_token(token: str) -> None:
+    """An admin token is printable ASCII without spaces (an HTTP header carries it byte for byte):
+    an empty or whitespace token would let a request with a blank or non-breaking-space header in."""
+    if not token:
+        raise ValueError("must not be empty")
+    if not all("!" <= ch <= "~" for ch in token):
+        raise ValueError("must be printable ASCII without spaces or control characters")
+
+
+def read_secret(path: Path) -> str:
+    """A Docker-secrets style file: its text without one trailing newline."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: {exc.__class__.__name__}: {exc}".splitlines()[0]) from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

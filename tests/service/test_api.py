@@ -336,9 +336,17 @@ def test_reload_refuses_bad_artifacts_and_keeps_serving(client: TestClient, mode
         {"Authorization": "Bearer wrong"},
         {"Authorization": f"Basic {ADMIN_TOKEN}"},
         {"Authorization": ""},
+        {"Authorization": "Bearer \xa0".encode("latin-1")},  # a non-breaking space (once stripped)
+        {"Authorization": f"Bearer {ADMIN_TOKEN} "},
+        {"Authorization": f"Bearer  {ADMIN_TOKEN}"},
+        {"Authorization": f"Bearer {ADMIN_TOKEN}\xa0".encode("latin-1")},
+        {"Authorization": f"bearer {ADMIN_TOKEN}"},
+        {"Authorization": f"Bearer {ADMIN_TOKEN[:-1]}"},
+        {"Authorization": f"Bearer {ADMIN_TOKEN}x"},
+        {"Authorization": ADMIN_TOKEN},
     ],
 )
-def test_reload_needs_the_admin_token(client: TestClient, headers: dict[str, str] | None) -> None:
+def test_reload_needs_the_admin_token(client: TestClient, headers: dict[str, Any] | None) -> None:
     r = reload(client, "uni/2", headers=headers)
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == "Bearer"

@@ -248,3 +248,51 @@ def test_score_csv_takes_scorer_settings(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "unknown scorer setting 'no_such'" in bad.stderr
+
+
+@pytest.mark.parametrize("token", ["", "   ", "\xa0", "tok en", "tok\tn", "tök"])
+def test_an_empty_whitespace_or_non_ascii_admin_token_is_refused(token: str) -> None:
+    with pytest.raises(SettingsError, match=r"^invalid setting SENSORWATCH_ADMIN_TOKEN: ") as info:
+        load_settings(admin_token=token)
+    assert "\n" not in str(info.value)
+
+
+def test_secrets_from_files_docker_style(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token, password = tmp_path / "token", tmp_path / "password"
+    token.write_text("s3cret-from-file\n")
+    password.write_text("pass word\n")
+    monkeypatch.setenv("SENSORWATCH_ADMIN_TOKEN_FILE", str(token))
+    monkeypatch.setenv("SENSORWATCH_MQTT_PASSWORD_FILE", str(password))
+    s = load_settings()
+    assert s.admin_token is not None
+    assert s.admin_token.get_secret_value() == "s3cret-from-file"
+    assert s.broker()["password"] == "pass word"
+    monkeypatch.setenv("SENSORWATCH_ADMIN_TOKEN", "other")
+    with pytest.raises(SettingsError, match="exclusive"):
+        load_settings()
+    monkeypatch.delenv("SENSORWATCH_ADMIN_TOKEN")
+    token.write_text(" \n")
+    with pytest.raises(SettingsError, match=r"^invalid setting SENSORWATCH_ADMIN_TOKEN_FILE: "):
+        load_settings()
+    monkeypatch.setenv("SENSORWATCH_ADMIN_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match=r"^invalid setting SENSORWATCH_ADMIN_TOKEN_FILE: .*missing"):
+        load_settings()
+
+
+def test_serve_refuses_an_empty_token(tmp_path: Path) -> None:
+    proc = _serve(tmp_path, {"SENSORWATCH_ADMIN_TOKEN": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("sensorwatch: invalid setting SENSORWATCH_ADMIN_TOKEN: ")
+    assert "must not be empty" in proc.stderr
+
+
+def test_insecure_no_auth_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fastapi.testclient import TestClient
+
+    s = load_settings(mqtt_url="", state_dir=tmp_path, model="builtin")
+    with (
+        caplog.at_level("WARNING", logger="sensorwatch.service"),
+        TestClient(create_app(s, insecure_no_auth=True)),
+    ):
+        pass
+    assert any("--insecure-no-auth" in r.getMessage() for r in caplog.records)
