@@ -121,9 +121,22 @@ def resolve(ref: str, models_dir: str | os.PathLike[str]) -> Path:
         if not versions:
             raise ArtifactError(f"no model named {parts[0]!r} in {root}")
         path = versions[-1]
-    if root not in path.resolve().parents or not (path / "card.json").is_file():
+    if not _inside(root, path) or not (path / "card.json").is_file():
         raise ArtifactError(f"no model {ref!r} in {root}")
+    for name in ("card.json", "model.safetensors"):  # a file linked out of the directory is refused
+        f = path / name
+        if (f.exists() or f.is_symlink()) and not _inside(root, f):
+            raise ArtifactError(f"{ref}: {name} resolves outside the models directory {root}")
     return path
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, every symlink followed, is inside ``root``; a loop or an unreadable link is
+    not (resolving it raises, which would otherwise surface as a server error)."""
+    try:
+        return root in path.resolve(strict=path.is_symlink()).parents
+    except (OSError, RuntimeError):
+        return False
 
 
 def load_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> LoadedModel:

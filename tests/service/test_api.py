@@ -353,6 +353,34 @@ def test_reload_needs_the_admin_token(client: TestClient, headers: dict[str, Any
     assert client.get("/v1/models").json()["active"]["version"] == "1"
 
 
+def test_reload_refuses_files_linked_out_of_the_models_directory(
+    client: TestClient, models_dir: Path, tmp_path: Path
+) -> None:
+    """A card or weights file symlinked outside the models directory, or a symlink loop, is a 422
+    with a reason, never loaded and never a 500."""
+    import os
+    import shutil
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    version = models_dir / "uni" / "2"
+    weights = version / "model.safetensors"
+    shutil.move(weights, outside / "model.safetensors")
+    os.symlink(outside / "model.safetensors", weights)  # a valid file, but outside
+    r = reload(client, "uni/2")
+    assert r.status_code == 422, r.text
+    assert "outside the models directory" in r.json()["detail"]
+    card = version / "card.json"
+    shutil.move(card, outside / "card.json")
+    os.symlink(outside / "card.json", card)
+    assert reload(client, "uni/2").status_code == 422
+    loop = models_dir / "uni" / "7"
+    os.symlink(loop, loop)
+    r = reload(client, "uni/7")
+    assert r.status_code == 422, r.text
+    assert client.get("/v1/models").json()["active"]["version"] == "1"
+
+
 def test_insecure_no_auth_opens_admin_endpoints(tmp_path: Path, models_dir: Path) -> None:
     params: dict[str, Any] = {
         "mqtt_url": "",
