@@ -101,6 +101,7 @@ class Engine:
             point_likelihood=settings.point_likelihood,
             max_devices=settings.max_devices,
             device_ttl_s=settings.device_ttl_s,
+            max_future_s=settings.max_future_s,
         )
         # The store's clock (idle TTL) is the wall clock of the batch, recorded in its log record so a
         # replay folds exactly the same.
@@ -226,6 +227,7 @@ class Engine:
     def dry_run(self, readings: Sequence[Reading]) -> StepResult:
         """Score against copies of the devices' state; nothing is advanced (and nothing logged)."""
         with self.lock:
+            self._now = time.time()  # the clock the far-future check compares with (nothing is logged)
             scratch = self.scorer.fork([r.device_id for r in readings if isinstance(r.device_id, str)])
         return scratch.step(list(readings))
 

@@ -194,6 +194,7 @@ REASON_DETAILS = {
     "bad_value": "values missing or not numbers",
     "no_values": "every channel is missing",
     "bad_timestamp": "ts missing or not unix seconds / RFC 3339 with offset",
+    "ts_out_of_range": "ts is further ahead of the service's clock than max_future_s",
     "out_of_order": "ts is before the device's last reading",
     "duplicate_timestamp": "ts repeats a reading already scored",
     "bad_device_id": "invalid device id",

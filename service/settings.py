@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")
     device_ttl_s: float | None = Field(None, gt=0, description="Evict devices idle this long; empty: never.")
     max_payload_bytes: int = Field(65_536, ge=64, description="Largest MQTT payload accepted.")
+    max_future_s: float = Field(
+        900.0,
+        gt=0,
+        description="Readings stamped more than this many seconds ahead of the service's wall clock are "
+        "rejected (ts_out_of_range), so one far-future timestamp cannot make its device refuse every "
+        "real reading as out_of_order; 15 minutes, as Amazon Timestream's limit.",
+    )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest REST request body accepted.")
     max_request_readings: int = Field(
         10_000, ge=1, description="Most readings in one REST request or message."

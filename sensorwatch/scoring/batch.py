@@ -32,6 +32,7 @@ class RejectReason(StrEnum):
     BAD_VALUE = "bad_value"
     NO_VALUES = "no_values"
     BAD_TIMESTAMP = "bad_timestamp"
+    TS_OUT_OF_RANGE = "ts_out_of_range"
     OUT_OF_ORDER = "out_of_order"
     DUPLICATE_TIMESTAMP = "duplicate_timestamp"
     BAD_DEVICE_ID = "bad_device_id"

@@ -162,6 +162,14 @@ class ScorerConfig(BaseModel):
         description="Readings with a larger |value| are rejected (value_too_large): beyond it "
         "squares and variances lose all precision.",
     )
+    max_future_s: float | None = Field(
+        None,
+        gt=0,
+        description="Readings stamped more than this many seconds after the scorer's clock are rejected "
+        "(ts_out_of_range): one far-future reading would otherwise make its device refuse every real "
+        "one as out_of_order. None (the library's default, whose clock is monotonic): no check; the "
+        "service sets it from SENSORWATCH_MAX_FUTURE_S with the wall clock.",
+    )
     # --- state store ------------------------------------------------------------------------------
     max_devices: int = Field(100_000, ge=1, description="Devices kept in memory (LRU eviction beyond).")
     device_ttl_s: float | None = Field(

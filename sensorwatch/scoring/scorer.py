@@ -169,7 +169,13 @@ class StreamScorer:
 
         Stepping the fork never touches this scorer (dry runs).
         """
-        other = StreamScorer(self.model, self.config, model_version=self.model_version, device=self.device)
+        other = StreamScorer(
+            self.model,
+            self.config,
+            model_version=self.model_version,
+            device=self.device,
+            clock=self.store.clock,
+        )
         known = [d for d in dict.fromkeys(device_ids) if d in self.store]
         if known:
             src = torch.from_numpy(self.store.lookup(known))
@@ -234,6 +240,9 @@ class StreamScorer:
             for k, reason in enumerate(kernel.VALUE_REJECTIONS, start=1):
                 self._reject(result, ok, failed == k, reason)
 
+        if self.config.max_future_s is not None:
+            late = batch.ts > self.store.clock() + self.config.max_future_s
+            self._reject(result, ok, late, RejectReason.TS_OUT_OF_RANGE)
         distinct = list(dict.fromkeys(batch.device_ids))
         if "" in distinct or None in distinct:
             bad = np.array([d is None or d == "" for d in batch.device_ids])  # rare path

@@ -220,6 +220,29 @@ def test_dry_run_does_not_advance_state(client: TestClient) -> None:
     assert count(client, "d3") == 15
 
 
+def test_a_far_future_timestamp_is_refused_and_does_not_poison_its_device(client: TestClient) -> None:
+    """``ts`` 1e12, year 9999 or an hour ahead of the wall clock: ts_out_of_range with a detail, in a
+    dry run too; the device then scores its real readings (before the check, every later reading was
+    out_of_order)."""
+    import time
+
+    now = time.time()
+    for ts in (1e12, "9999-01-01T00:00:00Z", now + 3600):
+        for params in ({}, {"dry_run": "true"}):
+            [res] = score(client, {"device_id": "fut", "readings": [{"ts": ts, "values": [1.0]}]}, **params)
+            assert res["accepted"] is False, (ts, params)
+            assert res["reason"] == "ts_out_of_range"
+            assert "max_future_s" in res["detail"]
+    ok = score(client, {"device_id": "fut", "readings": [{"ts": now + i, "values": [1.0]} for i in range(3)]})
+    assert [r["accepted"] for r in ok] == [True, True, True]
+    preview = score(
+        client, {"device_id": "fut", "readings": [{"ts": now + 60, "values": [1.0]}]}, dry_run="true"
+    )
+    assert preview[0]["accepted"] is True  # a dry run compares with the clock of now, not of the last batch
+    m = client.get("/metrics").text
+    assert metric(m, "sensorwatch_rejections_total", reason="ts_out_of_range") == 3
+
+
 # ---------------------------------------------------------------------------------------------- devices
 def test_devices_get_and_delete(client: TestClient) -> None:
     assert client.get("/v1/devices/pump-1").status_code == 404
