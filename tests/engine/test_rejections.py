@@ -344,6 +344,27 @@ def test_readings_of_a_device_are_applied_in_timestamp_order(make_model, small_c
     assert_results_match(take(got, back), want, magnitude=np.array([3.0, 20.0]))
 
 
+def test_far_future_readings_are_refused_against_the_scorer_clock(make_model, small_config) -> None:
+    """``max_future_s``: a reading stamped beyond the clock + the skew is ts_out_of_range and leaves
+    its device untouched; at the limit it is scored; None (the default) checks nothing."""
+    model = make_model("lstm")
+    now = [T0 + 1000.0]
+    scorer = StreamScorer(model, small_config("likelihood", max_future_s=60.0), clock=lambda: now[0])
+    res = scorer.step(
+        ReadingBatch(["a", "a", "b"], [T0 + 1000.0, T0 + 1061.0, T0 + 1060.0], [[1.0, 2.0]] * 3)
+    )
+    assert res.reason.tolist() == [None, "ts_out_of_range", None]
+    assert scorer.counters["ts_out_of_range"] == 1
+    assert rows(scorer, ["a"])["a"]["core.count"] == 1
+    now[0] += 10.0  # the clock moves on: the same reading is now within the skew
+    assert scorer.step(ReadingBatch(["a"], [T0 + 1061.0], [[1.0, 2.0]])).accepted.tolist() == [True]
+    unchecked = StreamScorer(model, small_config("likelihood"), clock=lambda: now[0])
+    assert unchecked.step(ReadingBatch(["a"], [1e12], [[1.0, 2.0]])).accepted.tolist() == [True]
+
+
 def test_every_engine_reason_code_is_exercised() -> None:
-    exercised = {case.reason for case in CASES.values()} | {RejectReason.CAPACITY}
+    exercised = {case.reason for case in CASES.values()} | {
+        RejectReason.CAPACITY,
+        RejectReason.TS_OUT_OF_RANGE,
+    }
     assert exercised == set(RejectReason)
