@@ -27,6 +27,8 @@ SERVICE_REJECT_REASONS = (
     "bad_topic",  # topic does not match topic_readings
     "bad_device_id",  # invalid device id in the topic
     "malformed_json",  # not UTF-8 JSON
+    "too_deep",  # JSON nested deeper than the parser allows (1,024 levels)
+    "number_out_of_range",  # a JSON number no float holds (beyond ±1.8e308, or over 4,300 digits)
     "bad_payload",  # JSON, but not a reading / gateway batch
     "too_many_readings",  # message over max_request_readings
     "queue_full",  # REST: the intake queue stayed full (503)

@@ -94,7 +94,7 @@ def _loads(payload: bytes) -> Any:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         if not _NON_FINITE.search(payload):
-            raise PayloadError("malformed_json", f"not JSON: {exc}") from None
+            raise _refusal(exc) from None
         error: Exception = exc
     # NaN / Infinity tokens are not JSON, but Python's json.dumps writes them by default and devices
     # send them for a missing or broken channel: the standard library reads them (the engine then
@@ -103,10 +103,25 @@ def _loads(payload: bytes) -> Any:
         return json.loads(payload)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         error = exc
-    raise PayloadError("malformed_json", f"not JSON: {error}") from None
+    raise _refusal(error) from None
 
 
 _NON_FINITE = re.compile(rb"NaN|Infinity")
+#: What the parsers say for nesting beyond their limit (orjson: 1,024; Python: the recursion limit)
+#: and for a number no float holds (orjson: beyond ±1.8e308; Python: over 4,300 digits).
+_TOO_DEEP = ("depth limit exceeded", "maximum recursion depth")
+_TOO_BIG = ("number is infinity", "integer string conversion")
+
+
+def _refusal(exc: Exception) -> PayloadError:
+    """The rejection of a payload the parsers refused: too_deep, number_out_of_range, else
+    malformed_json (one vocabulary for metrics, dead letters and REST)."""
+    text = str(exc)
+    if isinstance(exc, RecursionError) or any(t in text for t in _TOO_DEEP):
+        return PayloadError("too_deep", f"nested deeper than the parser allows: {text[:120]}")
+    if any(t in text for t in _TOO_BIG):
+        return PayloadError("number_out_of_range", f"a number beyond float range: {text[:120]}")
+    return PayloadError("malformed_json", f"not JSON: {text[:200]}")
 
 
 def message_digest(topic: str, payload: bytes) -> bytes:
