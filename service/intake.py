@@ -105,6 +105,12 @@ class Parser:
         device = self.device_of(msg.topic)
         head = (msg.topic, kept, msg.qos, msg.mid, msg.retain, msg.dup, digest, device)
         try:
+            if msg.retain and not s.mqtt_accept_retained:
+                # The broker's stored copy of an old message, sent again on every (re)subscribe: not a
+                # new reading (a restart would score it twice or dead-letter it as out_of_order).
+                raise PayloadError(
+                    "retained", "a retained message is the broker's replay of an old one, not a new reading"
+                )
             if device is None:
                 raise PayloadError(
                     "bad_topic", f"topic {msg.topic[:200]!r} does not match {s.topic_readings!r}"

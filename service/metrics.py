@@ -25,6 +25,7 @@ RELOAD_OUTCOMES = ("success", "failure")
 SERVICE_REJECT_REASONS = (
     "payload_too_large",  # MQTT message over max_payload_bytes
     "bad_topic",  # topic does not match topic_readings
+    "retained",  # a retained message on the readings topic (mqtt_accept_retained off)
     "bad_device_id",  # invalid device id in the topic
     "malformed_json",  # not UTF-8 JSON
     "too_deep",  # JSON nested deeper than the parser allows (1,024 levels)

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         description="File holding the broker password (Docker secrets; one trailing newline ignored); "
         "exclusive with SENSORWATCH_MQTT_PASSWORD.",
     )
+    mqtt_accept_retained: bool = Field(
+        False,
+        description="Score retained messages on the readings topic. Off: they are rejected 'retained' "
+        "(counted, dead-lettered, acked), since the broker replays them on every (re)subscribe.",
+    )
     mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: system CAs).")
     mqtt_cert_file: Path | None = Field(None, description="Client certificate for mqtts:// (mutual TLS).")
     mqtt_key_file: Path | None = Field(None, description="Client key for mqtts://.")

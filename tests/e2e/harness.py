@@ -237,9 +237,11 @@ class Publisher:
         self._infos: list[paho.MQTTMessageInfo] = []
         self._lock = threading.Lock()
 
-    def publish(self, topic: str, payload: bytes | str | dict[str, Any], qos: int = 1) -> None:
+    def publish(
+        self, topic: str, payload: bytes | str | dict[str, Any], qos: int = 1, retain: bool = False
+    ) -> None:
         data = json.dumps(payload).encode() if isinstance(payload, dict) else payload
-        info = self.client.publish(topic, data, qos=qos)
+        info = self.client.publish(topic, data, qos=qos, retain=retain)
         assert info.rc == paho.MQTT_ERR_SUCCESS, info.rc
         with self._lock:
             self._infos.append(info)

@@ -669,6 +669,35 @@ def test_backpressure_with_a_tiny_queue_loses_nothing(
     assert metric(m, "sensorwatch_batch_size_count") >= 100  # at most 8 per step
 
 
+def test_retained_readings_are_refused_counted_and_not_scored(
+    names: Names, tmp_path: Path, shared_broker: str
+) -> None:
+    """A retained reading is replayed by the broker on every subscribe: by default it is rejected
+    'retained' (dead-lettered, counted), on each start, and live readings on the same topic score."""
+    topic = names.topic("kept")
+    publisher = Publisher()
+    publisher.publish(topic, reading(0, 20.0), retain=True)
+    publisher.wait_acked()
+    settings = service_settings(names, tmp_path, shared_broker, publish_scores=True)
+    collector = Collector(names.prefix)
+    try:
+        for start in range(2):  # the broker replays it to the restarted service too
+            with running_service(settings) as client:
+                want = start + 1
+                wait_until(lambda n=want: collector.count("deadletter") >= n, 20, "the retained one")
+                publisher.publish(topic, reading(want, 21.0))
+                wait_until(lambda n=want: collector.count("scores") >= n, 20, "the live one scored")
+                m = client.get("/metrics").text
+                assert metric(m, "sensorwatch_rejections_total", reason="retained") == 1
+    finally:
+        publisher.publish(topic, b"", retain=True)  # clears the retained message
+        publisher.wait_acked()
+        publisher.close()
+        collector.close()
+    assert [d["reason"] for d in collector.docs("deadletter")] == ["retained", "retained"]
+    assert [s["ts"] for s in collector.docs("scores")] == [T0 + DT, T0 + 2 * DT]
+
+
 # -------------------------------------------------------------------------------------------- hostile
 def test_hostile_payloads_are_dead_lettered_and_intake_goes_on(
     names: Names, tmp_path: Path, shared_broker: str
