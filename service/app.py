@@ -42,6 +42,30 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
+#: Where /docs takes Swagger UI's JavaScript, CSS and icon from (the swagger-ui-bundle package).
+DOCS_ASSETS = "/docs-assets"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI served from the installed ``swagger_ui_bundle`` package instead of a
+    CDN: plants, ships and labs are often offline, and the CDN page was blank there."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Any:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} — API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+
 def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI:
     """The app; refuses (``SettingsError``) to exist without an admin token unless told it may."""
     if settings.admin_token is None and not insecure_no_auth:
@@ -73,7 +97,10 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
         version="0.1.0",
         description="Real-time sensor anomaly detection: per-device streaming recurrent state.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local assets (the default loads them from a CDN)
+        redoc_url=None,  # ReDoc has no vendored bundle: /docs is the API's page
     )
+    _offline_docs(app)
 
     def rest_rejection(reason: str, count: int = 1) -> None:
         """A REST request refused before its readings could be parsed or queued: counted like an MQTT
