@@ -10,10 +10,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, status
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from sensorwatch.artifacts import BUILTIN_NAME, DEFAULT_MODEL, ArtifactError, list_models, load_model
@@ -117,8 +118,17 @@ def create_app(settings: Settings, *, insecure_no_auth: bool = False) -> FastAPI
     @app.exception_handler(RequestValidationError)
     async def count_bad_payloads(request: Request, exc: RequestValidationError) -> Response:
         if request.url.path == "/v1/score":
-            rest_rejection("bad_payload")
+            not_json = any(e.get("type") == "json_invalid" for e in exc.errors())
+            rest_rejection("malformed_json" if not_json else "bad_payload")
         return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def count_unparsed_bodies(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a body it cannot parse as JSON (malformed, nested too deep, a number no
+        # float holds) with a 400 of its own: counted as the MQTT intake counts such a message.
+        if exc.status_code == 400 and request.url.path == "/v1/score":
+            rest_rejection("malformed_json")
+        return await http_exception_handler(request, exc)
 
     # The prometheus_client ASGI app, routed at exactly /metrics (a Mount would redirect to /metrics/).
     app.router.routes.append(

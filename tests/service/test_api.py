@@ -196,11 +196,14 @@ def test_invalid_requests_are_422(client: TestClient) -> None:
         assert client.post("/v1/score", json=body).status_code == 422, body
     r = client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
-    # Every refused request is counted once (its readings could not be parsed), as for MQTT messages.
+    # Every refused request is counted once (its readings could not be parsed), as for MQTT messages;
+    # the body that is not JSON as malformed_json.
     text = client.get("/metrics").text
-    refused = len(bad_bodies) + 1
-    assert metric(text, "sensorwatch_rejections_total", reason="bad_payload") == refused
-    assert metric(text, "sensorwatch_readings_total", source="rest", outcome="rejected") == refused
+    assert metric(text, "sensorwatch_rejections_total", reason="bad_payload") == len(bad_bodies)
+    assert metric(text, "sensorwatch_rejections_total", reason="malformed_json") == 1
+    assert (
+        metric(text, "sensorwatch_readings_total", source="rest", outcome="rejected") == len(bad_bodies) + 1
+    )
 
 
 def test_dry_run_does_not_advance_state(client: TestClient) -> None:

@@ -126,3 +126,21 @@ def test_anomaly_events_count_episodes_by_kind(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert metric(text, "sensorwatch_anomaly_events_total", kind="stuck") == 1
     assert metric(text, "sensorwatch_anomalies_total") == len(flagged)
+
+
+def test_rest_bodies_that_are_not_json_are_counted(client: TestClient) -> None:
+    """A body that is not JSON is counted as malformed_json, like an MQTT message refused whole:
+    malformed (FastAPI's 422 json_invalid), nested too deep or a 5,000-digit number (its 400, which
+    went uncounted before)."""
+    bodies = {
+        b'{"device_id": "d", "readings": [': 422,
+        b"[" * 5000: 400,
+        b'{"device_id": "d", "ts": ' + b"9" * 5000 + b"}": 400,
+    }
+    for body, code in bodies.items():
+        r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == code, r.text
+    assert client.get("/v1/devices/nope").status_code == 404  # other 4xx are not rejections
+    text = client.get("/metrics").text
+    assert metric(text, "sensorwatch_rejections_total", reason="malformed_json") == len(bodies)
+    assert metric(text, "sensorwatch_readings_total", source="rest", outcome="rejected") == len(bodies)
