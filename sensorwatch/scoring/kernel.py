@@ -609,11 +609,13 @@ def _score(
     out_anomaly[b] = decide(P, likelihood, smoothed, epsilon, hard, previous_s, has_pred, armed)
     out_kind[b] = kind_of(out_anomaly[b], out_of_range, spike, stuck, seasonal_won)
     out_continues[b], out_ended[b] = episode_c.track(row, ofs.episode, out_kind[b])
-    deviation = 0.0
-    for j in range(c):
-        if scored[j]:
-            deviation = max(deviation, abs(z[j]))
-    out_severity[b] = severity_of(out_kind[b], evidence, deviation, P.filter_red)
+    out_severity[b] = 0
+    if out_kind[b]:  # an anomaly: its severity (the largest |z| only then, off the hot path)
+        deviation = 0.0
+        for j in range(c):
+            if scored[j]:
+                deviation = max(deviation, abs(z[j]))
+        out_severity[b] = severity_of(out_kind[b], evidence, deviation, P.filter_red)
     if P.threshold_calibrator and has_pred:
         threshold_c.update(row, ofs.threshold, mem32, m, smoothed, n + 1.0, P, zs, e_thr, undo, undo_n)
     out_threshold[b] = epsilon if P.threshold_calibrator else P.likelihood_threshold

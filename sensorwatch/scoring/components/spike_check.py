@@ -19,6 +19,13 @@ a drift (a burst of false hits measured after every simulated drift), and ``e_re
 normaliser's std shrinks as the std settles (spike recall on the univariate fleet 236 against 257
 of 273).
 
+Heavy tails: where the residuals are heavier-tailed than a Gaussian's (quantised or bursty channels,
+ASD's server metrics), the mean |residual| underrates them. The unit is then the tracked ``TAIL_P``
+quantile of |residual| over a Gaussian's |Z| there (learnt with bounded steps, only while the device
+is calm), times a per-channel multiplier that each hit made while calm raises ×exp(``GAIN_STEP``)
+and that decays at ``HIT_BUDGET`` per reading, so hits on a channel whose normal history is full of
+jumps settle at about the budget's rate (``docs/detection.md``).
+
 The echo: a forecaster that has just been fed a spike predicts near it, so the next readings have
 residuals as large (of the opposite sign, and an LSTM may ring for a reading or two more). For
 ``ECHO`` readings after a hit the channel raises nothing (``quiet`` counts them down): one hit per
@@ -90,9 +97,10 @@ def hit(row, o, e, scored, armed, spike_z, window, calm, ratio):
         learnt = n - SKIP  # residuals in the unit so far
         bulk = SIGMA_PER_MAD * mad
         unit = max(bulk, tail / TAIL_Z) * math.exp(log_gain)
-        if learnt >= MIN_COUNT and unit > 0.0:
+        ready = learnt >= MIN_COUNT and unit > 0.0
+        if ready:
             ratio[j] = abs(e[j]) / unit
-        far = learnt >= MIN_COUNT and unit > 0.0 and abs(e[j]) >= spike_z * unit and quiet == 0.0
+        far = ready and quiet == 0.0 and abs(e[j]) >= spike_z * unit
         row[o.quiet + j] = max(quiet - 1.0, 0.0)
         if learnt >= MIN_COUNT:  # the multiplier: up a step per calm hit, down at the budget's rate
             up = 1.0 if far and calm else 0.0

@@ -8,19 +8,23 @@ The tail is the channel's own run-length survival, learnt without a parametric s
     log P(run ≥ r) = log((S₀ + 1) / (N + 2)) + Σ_k log((S_k + 1) / (S_{k−1} + 2))
 
 over the octaves it has passed (the last one in proportion to log₂ r), without the current run's
-own counts. A channel that has had no run of two repeats or more yet falls back to independent
-repeats: factor p^(2^(k−1)) per octave, p the (Laplace-smoothed) share of all comparisons that
-were repeats. So a noisy sensor that freezes (p ≈ 1/n) is caught at its second repeat, a channel
-that has never changed (p ≈ 1) is not stuck, and a channel with a history of runs follows its own
-run lengths: one that routinely sits flat for a while (server counters, quantised or idle signals)
-needs a run longer than its usual ones by as many octaves as its history makes unlikely. Both
-simpler models failed on such channels: independent repeats (tail p^r, p the repeat rate) and a
-two-state Markov chain (a geometric run length) took their ordinary flat stretches of 15–30
-readings for a freeze: 548 and 223 of ASD's false alarm episodes with the persistence forecaster.
+own counts; past the channel's longest run each further octave takes the factor of the last octave
+with data again (the tail keeps falling as it fell). A channel that has had no run of two repeats
+or more yet falls back to independent repeats: factor p^(2^(k−1)) per octave, p the
+(Laplace-smoothed) share of all comparisons that were repeats. So a noisy sensor that freezes
+(p ≈ 1/n) is caught at its second repeat, a channel that has never changed (p ≈ 1) is not stuck,
+and a channel with a history of runs follows its own run lengths: one that routinely sits flat for
+a while (server counters, quantised or idle signals) needs a run longer than its usual ones by as
+many octaves as its history makes unlikely. Both simpler models failed on such channels:
+independent repeats (tail p^r, p the repeat rate) and a two-state Markov chain (a geometric run
+length) took their ordinary flat stretches of 15–30 readings for a freeze: 548 and 223 of ASD's
+false alarm episodes with the persistence forecaster.
 
-Counts halve when ``chances`` reaches the window (an exponential memory of ~window opportunities).
-Channels are tested together: the log tail is the smallest over channels plus log(channels), the
-Bonferroni bound for "some channel has a run this unlikely".
+A run the check flags is left out of the counts while it lasts and counts ``FLAGGED_WEIGHT`` (half)
+once it ends: a freeze does not make the next one look normal, yet a flat stretch that recurs is
+learnt. Counts halve when ``chances`` reaches the window (an exponential memory of ~window
+opportunities). Channels are tested together: the log tail is the smallest over channels plus
+log(channels), the Bonferroni bound for "some channel has a run this unlikely".
 """
 
 from __future__ import annotations
@@ -97,6 +101,16 @@ def run_log_tail(row, o, j, run, own):
 
 
 @jit
+def _count_run(row, o, j, run, weight):
+    """Add ``weight`` to every octave a run of ``run`` repeats has reached on channel ``j``."""
+    base = o.survived + j * OCTAVES
+    k = 0
+    while k < OCTAVES and 2.0**k <= run:
+        row[base + k] += weight
+        k += 1
+
+
+@jit
 def _learn(row, o, j, was, rep, run, window):
     n = row[o.compared + j] + 1.0
     r = row[o.repeats + j] + (1.0 if rep else 0.0)
@@ -113,11 +127,7 @@ def _learn(row, o, j, was, rep, run, window):
         row[o.chances + j] = n
     if not rep:
         if row[o.flagged + j] != 0.0 and was > 0.0:  # a flagged run ended: it teaches at half weight
-            base = o.survived + j * OCTAVES
-            k = 0
-            while k < OCTAVES and 2.0**k <= was:
-                row[base + k] += FLAGGED_WEIGHT
-                k += 1
+            _count_run(row, o, j, was, FLAGGED_WEIGHT)
         row[o.flagged + j] = 0.0  # the run (if any) has ended
     elif row[o.flagged + j] == 0.0:
         octave = math.log(run) / LN2
@@ -129,8 +139,8 @@ def _learn(row, o, j, was, rep, run, window):
 @jit
 def log_tail(row, o, x, observed, window, cut):
     """The smallest log tail over channels plus log(channels); a run whose own tail reaches ``cut``
-    (a hit) is taken out of its channel's counts from then on: the check learns only from runs it
-    did not flag, so a stuck episode does not teach it that such runs are normal."""
+    (a hit) is taken out of its channel's counts while it lasts (and counts half once it ended,
+    :func:`_learn`), so a stuck episode does not teach the check that such runs are normal."""
     out = 0.0
     bonferroni = math.log(x.size)
     for j in range(x.size):
@@ -146,11 +156,7 @@ def log_tail(row, o, x, observed, window, cut):
             tail = run_log_tail(row, o, j, run, 0.0 if flagged else 1.0)
             if not flagged and tail + bonferroni <= cut:
                 row[o.flagged + j] = 1.0
-                base = o.survived + j * OCTAVES
-                k = 0
-                while k < OCTAVES and 2.0**k <= run:
-                    row[base + k] -= 1.0
-                    k += 1
+                _count_run(row, o, j, run, -1.0)  # out of the counts while it lasts
             out = min(out, tail)
         row[o.run + j] = run
         if observed[j]:
