@@ -14,15 +14,17 @@ from sensorwatch import cli as lib_cli
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from service import http_server
     from service.app import create_app
     from service.engine import RecoveryError, check_state
+    from service.runtime import exit_process
     from service.settings import SettingsError, load_settings
 
     try:
         settings = load_settings(args.config)
-        app = create_app(settings, insecure_no_auth=args.insecure_no_auth)
+        # The watchdog exits the process (status 70) once a thread the service needs died, for its
+        # supervisor to restart it (service/runtime.py, Service._watch).
+        app = create_app(settings, insecure_no_auth=args.insecure_no_auth, on_fatal=exit_process)
         check_state(settings)
     except (SettingsError, RecoveryError) as exc:
         print(f"sensorwatch: {exc}", file=sys.stderr)
@@ -34,8 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
     # a clean drain. These no-op handlers only take effect then: a graceful stop exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
-    return 0
+    # uvicorn with header and body timeouts and a connection cap (service/http_server.py).
+    return http_server.serve(app, settings, args.host, args.port)
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:

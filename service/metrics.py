@@ -125,6 +125,12 @@ class Metrics:
             registry=r,
         )
         self.active_devices = Gauge("sensorwatch_active_devices", "Devices with state in memory.", registry=r)
+        self.ready = Gauge(
+            "sensorwatch_ready",
+            "1 while the service can score (what /readyz answers 200 for); 0 once a scoring, output or "
+            "MQTT thread died — the process then exits so that its supervisor restarts it.",
+            registry=r,
+        )
         self.evictions = Counter(
             "sensorwatch_device_evictions", "Devices evicted from memory (LRU or idle TTL).", registry=r
         )

@@ -73,7 +73,7 @@ def parse_message(
         raise PayloadError("payload_too_large", f"{len(payload)} bytes > {max_bytes}")
     if not valid_device_id(device_id):
         raise PayloadError("bad_device_id", f"invalid device id {device_id[:64]!r} in topic")
-    doc = _loads(payload)
+    doc = loads_payload(payload)
     if type(doc) is not dict:
         raise PayloadError("bad_payload", "payload must be a JSON object")
     if "readings" not in doc:
@@ -89,7 +89,9 @@ def parse_message(
     return ts, values
 
 
-def _loads(payload: bytes) -> Any:
+def loads_payload(payload: bytes) -> Any:
+    """JSON as the intake reads it (orjson; NaN/Infinity tokens accepted); :class:`PayloadError`
+    with malformed_json, too_deep or number_out_of_range otherwise."""
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -220,14 +222,12 @@ REASON_DETAILS = {
 def result_records(result: StepResult, start: int, stop: int) -> list[dict[str, Any]]:
     """Records of readings ``start:stop`` (REST): a human detail for rejections, an ``event_id`` for
     results (the same the reading's MQTT score and event carry)."""
-    out = []
-    for i in range(start, stop):
-        rec = result.record(i)
+    out = result.records(range(start, stop))
+    for rec in out:
         if rec["accepted"]:
             rec["event_id"] = event_id(rec["device_id"], rec["ts"], rec["model_version"])
         else:
             rec["detail"] = REASON_DETAILS.get(rec["reason"], rec["reason"])
-        out.append(rec)
     return out
 
 
@@ -245,11 +245,9 @@ def records_to_publish(result: StepResult, start: int, stop: int, *, every: bool
         return []
     else:
         rows = (np.flatnonzero(result.notable[start:stop]) + start).tolist()
-    out = []
-    for i in rows:
-        rec = result.record(i)
+    out = result.records(rows)
+    for i, rec in zip(rows, out, strict=True):
         if not rec["accepted"]:
             rec["detail"] = REASON_DETAILS.get(rec["reason"], rec["reason"])
         rec["index"] = i - start
-        out.append(rec)
     return out

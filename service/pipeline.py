@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from sensorwatch import faults
 from sensorwatch.scoring.batch import KINDS, StepResult
 from sensorwatch.state.records import MessageMeta
 from service.engine import Engine
@@ -185,6 +186,7 @@ class MicroBatcher(_Worker):
             batch = self._take()
             if batch is None:
                 return
+            faults.raise_point("batcher.step")
             try:
                 self._score(batch)
                 self._stepped_at = time.monotonic()

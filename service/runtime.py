@@ -6,10 +6,12 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from sensorwatch import faults
@@ -45,6 +47,14 @@ MIN_BATCH_311 = 16
 #: one-reading messages at 300/s and every score published: publish → score p50 58 → 23 ms,
 #: p99 119 → 47 ms at 0.5 ms (docs/durability.md).
 GIL_SWITCH_S = 0.0005
+
+#: The watchdog looks this often whether the service can still score (a thread may have died).
+WATCHDOG_INTERVAL_S = 0.5
+#: How long a failed service stands (``/readyz`` 503, ``sensorwatch_ready`` 0, scrapable) before it
+#: exits with :data:`EXIT_FAILED`.
+WATCHDOG_EXIT_AFTER_S = 3.0
+#: The exit status of a service that stopped because it could no longer score (EX_SOFTWARE).
+EXIT_FAILED = 70
 
 #: How long after start a message may still be recognised as a redelivery of one applied before a
 #: crash (the broker resends its in-flight messages first thing after we reconnect).
@@ -90,8 +100,21 @@ class RecentDigests:
 class Service:
     """Wires the doors (MQTT, REST) to the one scoring path and the outputs (see :meth:`stop`)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
+        #: What the watchdog does once the service cannot score (``sensorwatch serve``: exit the
+        #: process, see :meth:`_watch`); None: report it only (/readyz, the metric, the log).
+        self.on_fatal = on_fatal
+        self._thread_death: str | None = None
+        self._previous_hook: Callable[[threading.ExceptHookArgs], Any] | None = None
+        self._stop_watch = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="sensorwatch-watchdog", daemon=True)
         self.metrics = metrics or Metrics(mqtt=bool(settings.mqtt_url))
         self.engine = Engine(settings, self.metrics)
         self.outputs = OutputStage(self.engine)
@@ -108,6 +131,7 @@ class Service:
             min_batch=MIN_BATCH if settings.mqtt_protocol == "5" else MIN_BATCH_311,
         )
         self.metrics.watch_engine(self.engine, self.batcher, self.outputs)
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)  # read at scrape time
         self.mqtt: MqttAdapter | IntakeProcess | None = None
         if settings.mqtt_url and settings.mqtt_intake == "process":
             self.mqtt = IntakeProcess(settings, self._on_mqtt_messages, self._on_mqtt_change)
@@ -159,12 +183,60 @@ class Service:
         self.outputs.start()
         for item in r.unpublished:  # durable already: released first, in order
             self.outputs.put(item.seq, functools.partial(self._republish, item.record, item.result))
+        self._hook_thread_deaths()
         self.batcher.start()
         self._intake_open = True
         if self.mqtt is not None:
             self.mqtt.start()
         if self.engine.snapshot_path() is not None:
             self._snapshotter.start()
+        self._watchdog.start()
+
+    def _hook_thread_deaths(self) -> None:
+        """Note why a thread died (an exception escaped it: a bug, or an injected fault), for the
+        watchdog's one log line; Python's own hook still prints the traceback."""
+        previous = self._previous_hook = threading.excepthook
+
+        def hook(args: threading.ExceptHookArgs) -> None:
+            name = args.thread.name if args.thread is not None else "a thread"
+            if self._thread_death is None:
+                self._thread_death = f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}"
+            previous(args)
+
+        threading.excepthook = hook
+
+    def _watch(self) -> None:
+        """The watchdog: every WATCHDOG_INTERVAL_S it looks whether a thread the service needs has
+        died (:attr:`failure`). Once one has:
+
+        1. ``/readyz`` answers 503 with the cause and ``sensorwatch_ready`` drops to 0 (and
+           ``sensorwatch_mqtt_connected`` when it is the MQTT thread that died): both are read at
+           request / scrape time, so a load balancer and Prometheus see it at once.
+        2. The cause is logged once, as one CRITICAL line.
+        3. After WATCHDOG_EXIT_AFTER_S (time for a scrape), ``on_fatal`` runs: ``sensorwatch serve``
+           exits with status EXIT_FAILED so that its supervisor (systemd, Docker's restart policy,
+           Kubernetes) restarts it. Restarting the thread in place is not done: a thread died of a
+           bug, mid-way through work whose outcome is unknown, while a restart recovers the exact
+           state from the snapshot and the log (the tested crash path), and the broker redelivers
+           every message not acked.
+        """
+        while not self._stop_watch.wait(WATCHDOG_INTERVAL_S):
+            failure = self.failure
+            if failure is None:
+                continue
+            if "MQTT" in failure:
+                self.metrics.mqtt_connected.set(0)
+            action = (
+                f"exiting with status {EXIT_FAILED} in {WATCHDOG_EXIT_AFTER_S:g} s for the supervisor "
+                "to restart it (state is recovered from the snapshot and the log)"
+                if self.on_fatal is not None
+                else "not ready until restarted"
+            )
+            log.critical("sensorwatch cannot score: %s; %s", failure, action)
+            if self._stop_watch.wait(WATCHDOG_EXIT_AFTER_S) or self.on_fatal is None:
+                return
+            self.on_fatal(failure)
+            return
 
     @property
     def failure(self) -> str | None:
@@ -172,11 +244,11 @@ class Service:
         if self.outputs.failed:
             return self.outputs.failed
         if self._intake_open and not (self.batcher.alive and self.outputs.alive):
-            return "a scoring thread died"
+            return self._thread_death or "a scoring thread died"
         if self._intake_open and isinstance(self.mqtt, IntakeProcess) and not self.mqtt.alive:
             return self.mqtt.died or "the MQTT intake process exited"
         if self._intake_open and self.mqtt is not None and self.mqtt.connected and not self.mqtt.alive:
-            return "the MQTT network thread died"
+            return "the MQTT network thread died" + (f" ({self._thread_death})" if self._thread_death else "")
         return None
 
     @property
@@ -197,6 +269,9 @@ class Service:
            suppresses the last will).
         """
         self._intake_open = False
+        self._stop_watch.set()
+        if self._previous_hook is not None:
+            threading.excepthook = self._previous_hook
         if not self.batcher.close(timeout=60):
             log.error("micro-batcher did not drain within 60 s")
         if not self.outputs.close(timeout=60):
@@ -421,3 +496,11 @@ class Service:
         if failure:
             out["failure"] = failure
         return out
+
+
+def exit_process(failure: str) -> None:
+    """``on_fatal`` of ``sensorwatch serve``: leave at once with :data:`EXIT_FAILED`. No graceful stop
+    — the dead thread cannot drain — so it is a crash, which the log and the snapshot are built to
+    survive exactly; logs are flushed first."""
+    logging.shutdown()
+    os._exit(EXIT_FAILED)

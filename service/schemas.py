@@ -111,6 +111,20 @@ class ScoreResponse(BaseModel):
     dry_run: bool = False
 
 
+class Refusal(BaseModel):
+    """A request refused whole: ``reason`` is the code counted in ``sensorwatch_rejections_total``
+    (the MQTT dead letters use the same codes) — except ``result_timeout`` (504), whose readings are
+    not refused: they are queued and will be scored."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"detail": "nested deeper than the parser allows", "reason": "too_deep"}]
+        }
+    )
+    detail: str
+    reason: str
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "univariate/2"}]})
     model: str = Field(description="NAME or NAME/VERSION under the models directory.")

@@ -156,6 +156,28 @@ class Settings(BaseSettings):
     max_request_readings: int = Field(
         10_000, ge=1, description="Most readings in one REST request or message."
     )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="A connection whose request line and headers are not complete this long after it "
+        "opened (or after the first byte of a keep-alive request) is closed (408 once bytes arrived).",
+    )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A request body that stalls this long between two chunks gets 408 and the "
+        "connection is closed.",
+    )
+    http_max_connections: int = Field(
+        1000,
+        gt=0,
+        le=1_000_000,
+        description="Open HTTP connections. Beyond: a new connection closes the oldest idle one (waiting "
+        "for a request head), or gets 503 when all are mid-request. Lowered, with one log line, when "
+        "the file-descriptor limit is too low for it.",
+    )
 
     @field_validator(
         "state_dir",

@@ -432,8 +432,70 @@ class StepResult:
             "model_version": self.model_version,
         }
 
-    def records(self) -> list[dict[str, Any]]:
-        return [self.record(i) for i in range(len(self))]
+    def records(self, rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """:meth:`record` of each of ``rows`` (default: all), equal to it field for field, built from
+        whole columns: one ``tolist`` per column instead of numpy scalar reads per field. A
+        10,000-reading REST answer took 0.26 s of the GIL reading by row, which stalled every other
+        caller (tests/engine/test_rejections.py checks the two agree)."""
+        idx = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        names = self.channel_names
+        acc = self.accepted[idx].tolist()
+        ts = [x if math.isfinite(x) else None for x in self.ts[idx].tolist()]
+        dev = [self.device_ids[i] for i in idx.tolist()]
+        reason = self.reason[idx].tolist()
+        ok = self.accepted[idx]
+
+        # Channel columns: NaN/inf as None, as _channel_dict does.
+        def channels(a: np.ndarray) -> list[dict[str, float | None]]:
+            sub = a[idx]
+            fin = np.isfinite(sub).tolist()
+            return [
+                {n: (v if f else None) for n, v, f in zip(names, row, frow, strict=True)}
+                for row, frow in zip(sub.tolist(), fin, strict=True)
+            ]
+
+        def finite(a: np.ndarray) -> list[float | None]:
+            return [x if math.isfinite(x) else None for x in a[idx].tolist()]
+
+        anomaly = (self.is_anomaly[idx] & ok).tolist()
+        kind = [KINDS[k] if a else None for k, a in zip(self.kind[idx].tolist(), anomaly, strict=True)]
+        sev = [
+            SEVERITIES[k] if a else None for k, a in zip(self.severity[idx].tolist(), anomaly, strict=True)
+        ]
+        cols = {
+            "predicted": channels(self.predicted),
+            "z": channels(self.z),
+            "raw_score": self.raw_score[idx].tolist(),
+            "smoothed_score": self.smoothed_score[idx].tolist(),
+            "threshold": finite(self.threshold),
+            "likelihood": self.likelihood[idx].tolist(),
+            "is_anomaly": self.is_anomaly[idx].tolist(),
+            "kind": kind,
+            "severity": sev,
+            "continues": self.continues[idx].tolist(),
+            "episode_ended": [KINDS[k] for k in self.ended[idx].tolist()],
+            "value": channels(self.value),
+            "attribution": channels(self.attribution),
+            "warming_up": self.warming_up[idx].tolist(),
+            "gap_reset": self.gap_reset[idx].tolist(),
+            "imputed": [
+                [n for n, m in zip(names, row, strict=True) if m] for row in self.imputed[idx].tolist()
+            ],
+        }
+        keys = list(cols)
+        columns = [cols[k] for k in keys]
+        version = self.model_version
+        out: list[dict[str, Any]] = []
+        for j, a in enumerate(acc):
+            if not a:
+                out.append({"device_id": dev[j], "ts": ts[j], "accepted": False, "reason": reason[j]})
+                continue
+            rec: dict[str, Any] = {"device_id": dev[j], "ts": ts[j], "accepted": True}
+            for k, col in zip(keys, columns, strict=True):
+                rec[k] = col[j]
+            rec["model_version"] = version
+            out.append(rec)
+        return out
 
     def anomalies(self) -> np.ndarray:
         """Indices of readings flagged as anomalies."""

@@ -153,6 +153,10 @@ def test_rejected_reading_leaves_state_untouched_and_others_scored(twins, case: 
             "reason": case.reason.value,
         }
 
+    # The columnar records (REST answers, published scores) equal the row-by-row ones, field for field.
+    assert res.records() == [res.record(i) for i in range(len(res))]
+    assert res.records([len(res) - 1, 0]) == [res.record(len(res) - 1), res.record(0)]
+
     # The good readings are scored exactly as without the bad ones.
     good = [r for i, r in enumerate(case.readings) if not bad[i]]
     want = twin.step(good)

@@ -105,6 +105,7 @@ def test_an_anomaly_says_which_check_made_it() -> None:
     assert "stuck" in kinds[1000:1060]
     assert all(k is None for k, a in zip(kinds, res.is_anomaly, strict=True) if not a)
     assert all(k is not None for k, a in zip(kinds, res.is_anomaly, strict=True) if a)
+    assert res.records() == [res.record(i) for i in range(len(res))]  # anomalies of every kind
     event = anomaly_event(res.record(420))
     assert event["kind"] == "spike"
     assert event["value"] == {m.config.names[0]: float(x[420])}

@@ -195,7 +195,8 @@ def test_invalid_requests_are_422(client: TestClient) -> None:
     for body in bad_bodies:
         assert client.post("/v1/score", json=body).status_code == 422, body
     r = client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400  # not JSON at all: a 400 with the reason MQTT dead-letters it with
+    assert r.json()["reason"] == "malformed_json"
     # Every refused request is counted once (its readings could not be parsed), as for MQTT messages;
     # the body that is not JSON as malformed_json.
     text = client.get("/metrics").text

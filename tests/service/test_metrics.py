@@ -74,6 +74,7 @@ def test_every_reason_the_service_uses_is_pre_created() -> None:
         used |= set(re.findall(r'PayloadError\(\s*"([a-z_]+)"', text))
         used |= set(re.findall(r'rejections\.labels\(\s*"([a-z_]+)"', text))
         used |= set(re.findall(r'deadletter\(\s*"([a-z_]+)"', text))
+        used |= set(re.findall(r'rest_rejection\(\s*"([a-z_]+)"', text))
     assert {"payload_too_large", "malformed_json", "queue_full", "internal_error"} <= used  # the scan works
     assert not used - set(REJECT_REASONS), used - set(REJECT_REASONS)
 
@@ -129,18 +130,19 @@ def test_anomaly_events_count_episodes_by_kind(client: TestClient) -> None:
 
 
 def test_rest_bodies_that_are_not_json_are_counted(client: TestClient) -> None:
-    """A body that is not JSON is counted as malformed_json, like an MQTT message refused whole:
-    malformed (FastAPI's 422 json_invalid), nested too deep or a 5,000-digit number (its 400, which
-    went uncounted before)."""
+    """A body that is not JSON is a 400 with the reason the MQTT intake dead-letters such a message
+    with (one vocabulary), counted once per request: malformed, nested too deep, a 5,000-digit number."""
     bodies = {
-        b'{"device_id": "d", "readings": [': 422,
-        b"[" * 5000: 400,
-        b'{"device_id": "d", "ts": ' + b"9" * 5000 + b"}": 400,
+        b'{"device_id": "d", "readings": [': "malformed_json",
+        b"[" * 5000: "too_deep",
+        b'{"device_id": "d", "ts": ' + b"9" * 5000 + b"}": "number_out_of_range",
     }
-    for body, code in bodies.items():
+    for body, reason in bodies.items():
         r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
-        assert r.status_code == code, r.text
+        assert r.status_code == 400, r.text
+        assert r.json()["reason"] == reason
     assert client.get("/v1/devices/nope").status_code == 404  # other 4xx are not rejections
     text = client.get("/metrics").text
-    assert metric(text, "sensorwatch_rejections_total", reason="malformed_json") == len(bodies)
+    for reason in bodies.values():
+        assert metric(text, "sensorwatch_rejections_total", reason=reason) == 1
     assert metric(text, "sensorwatch_readings_total", source="rest", outcome="rejected") == len(bodies)

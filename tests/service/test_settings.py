@@ -296,3 +296,23 @@ def test_insecure_no_auth_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptu
     ):
         pass
     assert any("--insecure-no-auth" in r.getMessage() for r in caplog.records)
+
+
+def test_http_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Header and body timeouts and the connection cap (service.http_server): defaults, environment,
+    and a one-line refusal of a value that would disable them."""
+    s = load_settings()
+    assert (s.http_header_timeout_s, s.http_body_timeout_s, s.http_max_connections) == (10.0, 30.0, 1000)
+    monkeypatch.setenv("SENSORWATCH_HTTP_HEADER_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("SENSORWATCH_HTTP_BODY_TIMEOUT_S", "7")
+    monkeypatch.setenv("SENSORWATCH_HTTP_MAX_CONNECTIONS", "64")
+    s = load_settings()
+    assert (s.http_header_timeout_s, s.http_body_timeout_s, s.http_max_connections) == (2.5, 7.0, 64)
+    for name, bad in (
+        ("http_header_timeout_s", 0),
+        ("http_body_timeout_s", -1),
+        ("http_max_connections", 0),
+        ("http_max_connections", "many"),
+    ):
+        with pytest.raises(SettingsError, match=f"invalid setting SENSORWATCH_{name.upper()}: "):
+            load_settings(**{name: bad})
