@@ -411,15 +411,17 @@ class _Child:
         while True:
             now = time.monotonic()
             sock = client.socket()
+            if a.connected:
+                backoff = 1.0
             if sock is None and self._stop_deadline is None and now >= next_connect:
+                # Every attempt pushes the next one back, whether it fails here or later: a broker
+                # that refuses the CONNECT (a wrong password) or the client certificate accepts the
+                # TCP connection and closes it at once, and would be asked again in a tight loop.
+                next_connect, backoff = now + backoff, min(backoff * 2, 30.0)
                 try:
-                    client.reconnect()  # blocking TCP connect; the CONNECT packet is queued
-                    backoff = 1.0
+                    client.reconnect()  # blocking TCP connect + TLS handshake; CONNECT is queued
                 except OSError as exc:
-                    log.warning(
-                        "MQTT connect to %s failed: %s; retrying in %.0f s", a.settings.mqtt_url, exc, backoff
-                    )
-                    next_connect, backoff = now + backoff, min(backoff * 2, 30.0)
+                    a.connect_failed(exc)  # logged once per cause (the URL may hold a password)
                 sock = client.socket()
             timeout = 0.5 if sock is not None else max(0.0, min(0.5, next_connect - now))
             if self._messages:

@@ -8,12 +8,20 @@ its network loop in its own thread and reconnects by itself (backoff 1 s → 30 
 is persistent (stable client id, ``clean_start=False``, a session expiry), messages are acked
 manually — only once every reading in them has an outcome — so QoS1 readings published while the
 service is away or restarting are delivered afterwards.
+
+A connection that cannot be made (broker unreachable, TLS refused either way, CONNECT refused) is
+retried forever with the backoff — the broker or its certificates may be fixed without touching the
+service, and ``/readyz`` says 503 meanwhile — and its cause is logged once, in one line, and again
+only when the cause changes or after the service was connected in between (:meth:`MqttAdapter.
+connect_failed`): a retry every 30 s for a week must not bury the one line that says what is wrong.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -25,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from sensorwatch import faults
 from service.settings import Settings
 
 log = logging.getLogger("sensorwatch.mqtt")
@@ -33,6 +42,27 @@ log = logging.getLogger("sensorwatch.mqtt")
 RECEIVE_MAXIMUM = 1000
 #: How many of our own QoS1 publishes may await the broker's PUBACK at once (0: no limit).
 OUTGOING_INFLIGHT = 0
+
+
+#: Appended to a connection failure's (single) log line.
+RETRYING = "; retrying (logged again only if the cause changes)"
+#: CONNACK reason codes that mean the credentials (MQTT 5; paho maps 3.1.1's return codes 4 and 5
+#: to them). Mosquitto answers 135 for a wrong password as for a missing one.
+CREDENTIAL_REFUSALS = (134, 135)
+
+
+def describe_connect_error(exc: BaseException | None, settings: Settings) -> str:
+    """One line for a failed connection attempt (what paho raised while connecting: TCP, TLS)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        ca = f"CA file {settings.mqtt_ca_file}" if settings.mqtt_ca_file else "the system CAs"
+        return f"TLS: broker certificate not trusted ({exc.verify_message}; checked against {ca})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({re.sub(r' [(]_ssl[.]c:[0-9]+[)]$', '', str(exc))})"
+    if isinstance(exc, TimeoutError):
+        return "broker unreachable (timed out)"
+    if isinstance(exc, OSError):
+        return f"broker unreachable ({exc.strerror or exc})"
+    return f"connection failed ({exc.__class__.__name__}: {exc})" if exc else "connection failed"
 
 
 class InboundMessage(NamedTuple):
@@ -62,6 +92,8 @@ class MqttAdapter:
         self._connected = threading.Event()
         self._ever_connected = False
         self._stopping = False
+        self._problem: str | None = None  # the connection failure logged last (None: none since connected)
+        self._connack = False  # this attempt got the broker's CONNACK
         # Publishes issued and acknowledged (on_publish: the broker's PUBACK for QoS1, the socket write
         # for QoS0), counted rather than tracked per MQTTMessageInfo: the info of a message published
         # while disconnected keeps rc NO_CONN even after paho sends it on reconnect, so its
@@ -100,7 +132,9 @@ class MqttAdapter:
         # 88 of 900 lost through a broker restart with a window of 100). Our own batches bound it.
         self.client.max_inflight_messages_set(OUTGOING_INFLIGHT)
         self.client.max_queued_messages_set(0)  # outgoing: unbounded in paho, bounded by our batches
+        self.client.on_pre_connect = self._handle_pre_connect
         self.client.on_connect = self._handle_connect
+        self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
         self.client.on_subscribe = self._handle_subscribe
@@ -207,12 +241,42 @@ class MqttAdapter:
                 self._outstanding_cond.wait(min(left, 0.1))
         return True
 
+    # ------------------------------------------------------------------ connection failures
+    def connect_failed(self, exc: BaseException | None) -> None:
+        """A connection attempt raised ``exc`` (paho's ``on_connect_fail``; the intake child calls it
+        for its own ``reconnect()``)."""
+        self._report(
+            logging.ERROR if isinstance(exc, ssl.SSLError) else logging.WARNING,
+            describe_connect_error(exc, self.settings),
+        )
+
+    def _report(self, level: int, problem: str) -> None:
+        """Log a connection failure once: again only when it differs from the last one logged."""
+        if problem == self._problem or self._stopping:
+            return
+        self._problem = problem
+        log.log(level, "MQTT %s:%s: %s%s", self._host, self._port, problem, RETRYING)
+
+    def _handle_pre_connect(self, client: paho.Client, userdata: object) -> None:
+        self._connack = False
+
+    def _handle_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        # paho calls this inside its ``except OSError`` around the attempt without passing the
+        # exception: the one being handled is it.
+        self.connect_failed(sys.exc_info()[1])
+
     # ------------------------------------------------------------------ paho callbacks (network thread)
     def _handle_connect(
         self, client: paho.Client, userdata: object, flags: object, rc: object, properties: object = None
     ) -> None:
+        self._connack = True
         if getattr(rc, "is_failure", False):
-            log.warning("MQTT connect refused: %s", rc)
+            hint = ""
+            if getattr(rc, "value", None) in CREDENTIAL_REFUSALS:
+                hint = (
+                    " (check the user name and password)" if self.client.username else " (no user name set)"
+                )
+            self._report(logging.ERROR, f"broker refused the connection: {rc}{hint}")
             return
         # Ready only once the broker confirms the subscription (SUBACK): a reading published before
         # that would find no subscriber on a new session and be dropped by the broker.
@@ -234,6 +298,7 @@ class MqttAdapter:
             return
         reconnect = self._ever_connected
         self._ever_connected = True
+        self._problem = None
         self._connected.set()
         log.info(
             "MQTT connected to %s:%s (%s)", self._host, self._port, "reconnect" if reconnect else "first"
@@ -250,8 +315,20 @@ class MqttAdapter:
         if was:
             log.warning("MQTT disconnected (%s)%s", rc, "" if self._stopping else "; reconnecting")
             self._on_change(False, False)
+        elif not self._connack:
+            # Closed before any CONNACK: the broker dropped us at the TLS level (with mutual TLS the
+            # client certificate is checked after the handshake, at our first read) or the listener
+            # speaks something else; paho says no more than "connection lost".
+            if not self.settings.broker()["tls"]:
+                hint = "is it a TLS listener (mqtts://)?"
+            elif self.settings.mqtt_cert_file is None:
+                hint = "does it require a client certificate (SENSORWATCH_MQTT_CERT_FILE)?"
+            else:
+                hint = f"does it accept the client certificate {self.settings.mqtt_cert_file}?"
+            self._report(logging.ERROR, f"broker closed the connection before answering CONNECT ({hint})")
 
     def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        faults.raise_point("mqtt.message")
         try:
             topic = msg.topic
         except UnicodeDecodeError:  # paho raises on a topic that is not UTF-8

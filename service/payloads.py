@@ -127,8 +127,16 @@ def _refusal(exc: Exception) -> PayloadError:
 
 
 def message_digest(topic: str, payload: bytes) -> bytes:
-    """16 bytes identifying a message by topic and payload (a redelivery has the same digest)."""
-    return hashlib.blake2b(payload, digest_size=16, key=topic.encode()[:64]).digest()
+    """16 bytes identifying a message by topic and payload (a redelivery has the same digest). The
+    whole topic counts, length-prefixed: it was once the blake2b key, which holds 64 bytes, so two
+    devices with long ids sharing a 64-byte topic prefix and sending the same payload got the same
+    digest — after a restart the second was taken for a redelivery and acked unscored (found by
+    tests/e2e/test_fuzz_mqtt.py)."""
+    t = topic.encode("utf-8", "surrogatepass")
+    h = hashlib.blake2b(len(t).to_bytes(4, "big"), digest_size=16)
+    h.update(t)
+    h.update(payload)
+    return h.digest()
 
 
 def event_id(device_id: str, ts: float, model_version: str) -> str:

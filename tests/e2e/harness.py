@@ -1,7 +1,8 @@
 """End-to-end harness: private Mosquitto brokers, MQTT test clients, the service under test.
 
 * :class:`Broker` — a private ``mosquitto`` on a free port with its own persistence directory and
-  big queues, for tests that stop/restart the broker or queue many messages for an absent client.
+  big queues, for tests that stop/restart the broker or queue many messages for an absent client;
+  more listeners (TLS, passwords: ``test_tls``) through ``extra_config``.
 * :class:`Collector` — subscribes to the service's outputs and keeps every message in arrival order.
 * :class:`Publisher` — publishes readings at QoS1 and waits for the broker's acknowledgements.
 * :func:`service_settings` — unique topics and client id per test (tests never see each other's
@@ -14,13 +15,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,15 +57,29 @@ def port_open(host: str, port: int) -> bool:
 
 
 class Broker:
-    """A private Mosquitto (persistent sessions survive :meth:`stop` + :meth:`start` on the same port)."""
+    """A private Mosquitto (persistent sessions survive :meth:`stop` + :meth:`start` on the same port).
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    ``extra_config`` lines are appended to the generated configuration (e.g. a second ``listener``
+    with its TLS and password settings); with ``per_listener_settings`` each listener has its own
+    security settings, so the anonymous plain listener on :attr:`port` (the test clients') stays
+    open beside a listener that requires a password.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra_config: Sequence[str] = (),
+        per_listener_settings: bool = False,
+    ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.conf = self.dir / "mosquitto.conf"
-        lines = [
+        # per_listener_settings must precede the listeners it applies to.
+        lines = ["per_listener_settings true"] if per_listener_settings else []
+        lines += [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
             "persistence true",
@@ -76,6 +92,7 @@ class Broker:
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # else it drops to 'mosquitto', who cannot write the temp dir
+        lines += extra_config
         self.conf.write_text("\n".join(lines) + "\n")
         self.log = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -95,6 +112,16 @@ class Broker:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mosquitto did not start:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.05)
+
+    def reload(self) -> None:
+        """``SIGHUP``: mosquitto reads its configuration again (password files included), keeping
+        its connections."""
+        assert self.proc is not None, "not started"
+        assert self.proc.poll() is None, "not running"
+        self.proc.send_signal(signal.SIGHUP)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
 
     def stop(self) -> None:
         """Stop (SIGTERM: mosquitto writes its persistence file) and wait for the port to close."""

@@ -154,6 +154,10 @@ class ServiceProcess:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_text()[-chars:]
 
+    def log_lines(self, containing: str) -> list[str]:
+        """The log's lines that contain ``containing`` (every start's)."""
+        return [line for line in self.log_text().splitlines() if containing in line]
+
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> ServiceProcess:
         return self

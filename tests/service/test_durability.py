@@ -225,3 +225,13 @@ def test_wal_off_writes_no_log(tmp_path: Path) -> None:
     feed(a, batches(3))
     assert a.wal is None
     assert not (tmp_path / "wal").exists()
+
+
+def test_message_digest_covers_the_whole_topic() -> None:
+    """Long device ids sharing a 64-byte topic prefix, same payload: different messages (they were
+    one digest, and after a restart the second was acked as a redelivery, unscored)."""
+    payload = b'{"ts": 1767225600, "values": [1.0]}'
+    a, b = "sensors/" + "a" * 70 + "/readings", "sensors/" + "a" * 71 + "/readings"
+    assert message_digest(a, payload) != message_digest(b, payload)
+    assert message_digest("x/ab", b"c") != message_digest("x/a", b"bc")  # the topic is length-prefixed
+    assert message_digest(a, payload) == message_digest(a, payload)
