@@ -44,6 +44,10 @@ class ArtifactError(ValueError):
     """A model artifact is missing, malformed, tampered with or incompatible."""
 
 
+class ModelNotFound(ArtifactError):
+    """No artifact of that name (or version) in the models directory (REST: 404, not 422)."""
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
@@ -119,10 +123,10 @@ def resolve(ref: str, models_dir: str | os.PathLike[str]) -> Path:
             else []
         )
         if not versions:
-            raise ArtifactError(f"no model named {parts[0]!r} in {root}")
+            raise ModelNotFound(f"no model named {parts[0]!r} in {root}")
         path = versions[-1]
     if not _inside(root, path) or not (path / "card.json").is_file():
-        raise ArtifactError(f"no model {ref!r} in {root}")
+        raise ModelNotFound(f"no model {ref!r} in {root}")
     for name in ("card.json", "model.safetensors"):  # a file linked out of the directory is refused
         f = path / name
         if (f.exists() or f.is_symlink()) and not _inside(root, f):

@@ -11,21 +11,29 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, status
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from pydantic import ValidationError
-from starlette.routing import Route
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
-from sensorwatch.artifacts import BUILTIN_NAME, DEFAULT_MODEL, ArtifactError, list_models, load_model
+from sensorwatch.artifacts import (
+    BUILTIN_NAME,
+    DEFAULT_MODEL,
+    ArtifactError,
+    ModelNotFound,
+    list_models,
+    load_model,
+)
 from sensorwatch.scoring.batch import Reading, StepResult
 from sensorwatch.state.records import MessageMeta
 from service.metrics import Metrics
 from service.payloads import PayloadError, loads_payload, result_records
 from service.pipeline import QueueFull, Work
 from service.runtime import Service
-from service.schemas import DeviceInfo, Refusal, ReloadRequest, ScoreRequest, ScoreResponse
+from service.schemas import Detail, DeviceInfo, Refusal, ReloadRequest, ScoreRequest, ScoreResponse
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("sensorwatch.service")
@@ -46,6 +54,14 @@ def get_service(request: Request) -> Service:
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
+
+#: Answers documented in OpenAPI beside FastAPI's own (a contract fuzzer checks every status code).
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": Detail, "description": "Admin token missing or wrong (WWW-Authenticate: Bearer)."}
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Detail, "description": "No state for this device."}
+}
 
 #: Where /docs takes Swagger UI's JavaScript, CSS and icon from (the swagger-ui-bundle package).
 DOCS_ASSETS = "/docs-assets"
@@ -126,6 +142,24 @@ def create_app(
             rest_rejection("payload_too_large")
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, on_reject=body_too_large)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """A 405's ``Allow`` lists the methods of every route of the path: Starlette's lists only the
+        first route's (``/v1/devices/{id}`` is two routes, GET and DELETE)."""
+        if exc.status_code == 405:
+            allowed = sorted(
+                {
+                    m
+                    for r in app.router.routes
+                    if isinstance(r, Route) and r.matches(request.scope)[0] != Match.NONE
+                    for m in (r.methods or ())
+                }
+            )
+            return JSONResponse(
+                {"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)}
+            )
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def count_bad_payloads(request: Request, exc: RequestValidationError) -> Response:
@@ -268,7 +302,7 @@ def create_app(
             dry_runs.release()
         return Response(body, media_type="application/json")
 
-    @app.get("/v1/devices/{device_id}", response_model=DeviceInfo, tags=["devices"])
+    @app.get("/v1/devices/{device_id}", response_model=DeviceInfo, tags=["devices"], responses=NOT_FOUND)
     def device(device_id: str, svc: ServiceDep) -> dict[str, Any]:
         """What the scorer knows of a device: readings, last timestamp, warm-up, recent likelihood."""
         with svc.engine.lock:
@@ -277,7 +311,13 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no state for device {device_id!r}")
         return info
 
-    @app.delete("/v1/devices/{device_id}", status_code=204, dependencies=[Admin], tags=["devices"])
+    @app.delete(
+        "/v1/devices/{device_id}",
+        status_code=204,
+        dependencies=[Admin],
+        tags=["devices"],
+        responses={**UNAUTHORIZED, **NOT_FOUND},
+    )
     def reset_device(device_id: str, svc: ServiceDep) -> Response:
         """Forget a device's state (admin): its next reading starts fresh with warm-up."""
         known = svc.reset_device(device_id)
@@ -290,14 +330,27 @@ def create_app(
         """The active model (name, version, cell, channels, sha256) and the artifacts available."""
         return {"active": svc.engine.describe(), "available": list_models(settings.models_dir)}
 
-    @app.post("/v1/models/reload", dependencies=[Admin], tags=["models"])
-    async def reload(body: ReloadRequest, svc: ServiceDep) -> dict[str, Any]:
+    @app.post(
+        "/v1/models/reload",
+        dependencies=[Admin],
+        tags=["models"],
+        responses={
+            400: {"model": Detail, "description": "The body is not JSON."},
+            **UNAUTHORIZED,
+            404: {"model": Detail, "description": "No such model or version."},
+        },
+    )
+    async def reload(body: ReloadRequest, svc: ServiceDep) -> Any:
         """Validate an artifact and swap it in between batches (admin). Device state is kept when the
-        architecture matches, else reset with warm-up. A bad artifact is refused; the old model serves on."""
+        architecture matches, else reset with warm-up. A bad artifact is refused (422, in the shape of
+        any validation error, on the ``model`` field); the old model serves on."""
         try:
             return await asyncio.get_running_loop().run_in_executor(None, svc.engine.reload, body.model)
+        except ModelNotFound as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"model not loaded: {exc}") from None
         except ArtifactError as exc:
-            raise HTTPException(422, f"model not loaded: {exc}") from None
+            error = {"type": "model_not_loaded", "loc": ["body", "model"], "msg": f"model not loaded: {exc}"}
+            return JSONResponse({"detail": [error]}, status_code=422)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

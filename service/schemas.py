@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from service.payloads import DEVICE_ID
 
@@ -30,11 +30,19 @@ class DeviceReadings(BaseModel):
     readings: list[ReadingIn] = Field(min_length=1)
 
 
-class ScoreRequest(BaseModel):
-    """Either one device (``device_id`` + ``readings``) or several (``batch``)."""
+class BatchRequest(BaseModel):
+    """Several devices' readings (a gateway)."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch: list[DeviceReadings] = Field(min_length=1)
+
+
+class ScoreRequest(RootModel[DeviceReadings | BatchRequest]):
+    """Either one device (``device_id`` + ``readings``) or several (``batch``). Two forms in the
+    schema (not one object with every field optional): a body that mixed them was schema-valid but
+    refused (schemathesis, issue #13)."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {"device_id": "pump-7", "readings": [{"ts": 1767225600, "values": [21.5]}]},
@@ -50,25 +58,10 @@ class ScoreRequest(BaseModel):
             ]
         },
     )
-    device_id: str | None = Field(None, pattern=DEVICE_ID.pattern)
-    readings: list[ReadingIn] | None = None
-    batch: list[DeviceReadings] | None = None
-
-    @model_validator(mode="after")
-    def _one_form(self) -> ScoreRequest:
-        single = self.device_id is not None or self.readings is not None
-        if single == (self.batch is not None):
-            raise ValueError("give either device_id + readings, or batch")
-        if single and (self.device_id is None or not self.readings):
-            raise ValueError("device_id and a non-empty readings list go together")
-        return self
 
     def groups(self) -> list[DeviceReadings]:
-        if self.batch is not None:
-            return self.batch
-        assert self.device_id is not None
-        assert self.readings is not None
-        return [DeviceReadings(device_id=self.device_id, readings=self.readings)]
+        body = self.root
+        return body.batch if isinstance(body, BatchRequest) else [body]
 
 
 RESULT_EXAMPLE: dict[str, Any] = {
@@ -127,7 +120,16 @@ class Refusal(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "univariate/2"}]})
-    model: str = Field(description="NAME or NAME/VERSION under the models directory.")
+    model: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$",
+        description="NAME or NAME/VERSION under the models directory.",
+    )
+
+
+class Detail(BaseModel):
+    """An error answer: what went wrong, for a person."""
+
+    detail: str
 
 
 class DeviceInfo(BaseModel):
