@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv kernels test lint typecheck pytest bench run clean broker models prometheus promtool
+.PHONY: venv kernels test lint typecheck pytest bench run clean broker models prometheus promtool chromium
 
 # (Re)create the virtual environment when pyproject.toml changes.  The CPU build of torch is
 # installed first and pinned so that no dependency pulls a multi-GB CUDA build.
@@ -27,6 +27,10 @@ kernels: $(STAMP)
 broker:
 	bash scripts/ensure-mosquitto.sh
 
+# Debian's Chromium: the headless-browser test of /docs (offline).
+chromium:
+	bash scripts/ensure-chromium.sh
+
 # promtool + prometheus binaries (Debian package; tests/ops runs a real Prometheus on a free port).
 prometheus:
 	bash scripts/ensure-prometheus.sh
@@ -44,7 +48,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy sensorwatch service
 
-pytest: $(STAMP) broker prometheus kernels
+pytest: $(STAMP) broker prometheus chromium kernels
 	$(BIN)/pytest -q
 
 test: lint typecheck promtool pytest

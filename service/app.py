@@ -63,18 +63,23 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Detail, "description": "No state for this device."}
 }
 
-#: Where /docs takes Swagger UI's JavaScript, CSS and icon from (the swagger-ui-bundle package).
+#: Where /docs takes Swagger UI's JavaScript, CSS and icon from (the fastapi-offline package's).
 DOCS_ASSETS = "/docs-assets"
 
 
 def _offline_docs(app: FastAPI) -> None:
-    """``/docs`` with Swagger UI served from the installed ``swagger_ui_bundle`` package instead of a
-    CDN: plants, ships and labs are often offline, and the CDN page was blank there."""
+    """``/docs`` with Swagger UI served from the installed ``fastapi_offline`` package (Swagger UI 5)
+    instead of a CDN: plants, ships and labs are often offline, and the CDN page was blank there. Not
+    swagger-ui-bundle: its Swagger UI 4.15 cannot read the OpenAPI 3.1 FastAPI writes — the page
+    said "Unable to render this definition" (found by the headless-browser test)."""
+    from pathlib import Path
+
+    import fastapi_offline
     from fastapi.openapi.docs import get_swagger_ui_html
     from starlette.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
-    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Any:
@@ -83,7 +88,7 @@ def _offline_docs(app: FastAPI) -> None:
             title=f"{app.title} — API",
             swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
         )
 
 
