@@ -6,6 +6,7 @@ An invalid value refuses to start with one line naming the setting (:func:`load_
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -261,8 +262,27 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls(self) -> Settings:
+        """The TLS files are loaded once here, so that a missing or unreadable CA, certificate or key
+        refuses the start in one line (paho would find out later, with a traceback, in its thread)."""
         if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
             raise ValueError("mqtt_cert_file and mqtt_key_file go together")
+        if self.mqtt_ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=str(self.mqtt_ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"SENSORWATCH_MQTT_CA_FILE: {self.mqtt_ca_file} is not a CA bundle ({exc})"
+                ) from None
+        if self.mqtt_cert_file is not None and self.mqtt_key_file is not None:
+            try:
+                ssl.create_default_context().load_cert_chain(
+                    str(self.mqtt_cert_file), str(self.mqtt_key_file)
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"SENSORWATCH_MQTT_CERT_FILE / _KEY_FILE: {self.mqtt_cert_file} and "
+                    f"{self.mqtt_key_file} are not a certificate and its key ({exc})"
+                ) from None
         return self
 
     # --- derived ------------------------------------------------------------------------------------
@@ -336,7 +356,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "settings"
-        name = f"SENSORWATCH_{loc.upper()}" if err["loc"] else "settings"
-        raise SettingsError(f"invalid setting {name}: {err['msg']}") from None
+        if not err["loc"]:  # a check across settings: its message names them
+            raise SettingsError(f"invalid settings: {err['msg'].removeprefix('Value error, ')}") from None
+        raise SettingsError(f"invalid setting SENSORWATCH_{loc.upper()}: {err['msg']}") from None
     finally:
         _TOML_FILE = None

@@ -316,3 +316,16 @@ def test_http_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         with pytest.raises(SettingsError, match=f"invalid setting SENSORWATCH_{name.upper()}: "):
             load_settings(**{name: bad})
+
+
+def test_unusable_tls_files_refuse_the_start_in_one_line(tmp_path: Path) -> None:
+    """Loaded at start (paho would fail later, in its thread, with a traceback)."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    base = {"admin_token": "t" * 32, "mqtt_url": "mqtts://127.0.0.1:8883"}
+    with pytest.raises(SettingsError, match=r"^invalid settings: SENSORWATCH_MQTT_CA_FILE: .*missing\.pem"):
+        load_settings(**base, mqtt_ca_file=tmp_path / "missing.pem")
+    with pytest.raises(SettingsError, match=r"SENSORWATCH_MQTT_CA_FILE: .*not a CA bundle"):
+        load_settings(**base, mqtt_ca_file=junk)
+    with pytest.raises(SettingsError, match=r"SENSORWATCH_MQTT_CERT_FILE / _KEY_FILE: .*not a certificate"):
+        load_settings(**base, mqtt_cert_file=junk, mqtt_key_file=junk)
