@@ -12,8 +12,10 @@ and it is started again. Checked:
 * ``/readyz`` answered 200 at every poll while the service ran, and its log holds no traceback.
 
 ``SENSORWATCH_FUZZ_MESSAGES`` changes the number of hostile messages of the first part (default
-10,000, as the issue asks; the second part is 300, under Mosquitto's default queue of 1,000 messages
-per offline client).
+10,000, as the issue asks; the second part is 1,000). A private Mosquitto: the shared one keeps its
+default queue of 1,000 messages per client, beyond which it drops QoS1 messages to a subscriber that
+falls behind — this test's own collector, sharing a core with the publisher, did (seen in
+``make test``: every outcome published by the service, not all received).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from service.metrics import REJECT_REASONS
-from tests.e2e.harness import Collector, Names, Publisher
+from tests.e2e.harness import Broker, Collector, Names, Publisher
 from tests.e2e.procs import ServiceProcess
 from tests.fuzz import MAX_PAYLOAD, MAX_READINGS, Hostile, hostile_message
 from tests.support import parse_metrics, wait_until
@@ -37,7 +39,7 @@ from tests.support import parse_metrics, wait_until
 T0 = 1_767_225_600
 GOOD_DEVICES = [f"g{i:02d}" for i in range(50)]
 N_FIRST = int(os.environ.get("SENSORWATCH_FUZZ_MESSAGES", "10000"))
-N_QUEUED = 300
+N_QUEUED = 1_000
 
 
 class Feed:
@@ -87,6 +89,26 @@ class Feed:
         seed(base_seed)(publish)()
 
 
+def _wait_outcomes(collector: Collector, svc: ServiceProcess, scores: int, dead: int, timeout: float) -> None:
+    """Until the collector has seen ``scores`` scores and ``dead`` dead letters; on a timeout the
+    failure says how far it got and what the service's metrics and log say."""
+    try:
+        wait_until(
+            lambda: collector.count("scores") >= scores and collector.count("deadletter") >= dead,
+            timeout,
+            f"{scores} scores and {dead} dead letters",
+        )
+    except AssertionError as exc:
+        got = f"got {collector.count('scores')} scores and {collector.count('deadletter')} dead letters"
+        text = svc.metrics() if svc.running else ""
+        readings = [
+            line
+            for line in text.splitlines()
+            if line.startswith(("sensorwatch_readings_total", "sensorwatch_queue"))
+        ]
+        raise AssertionError(f"{exc}; {got}; {readings}; log tail:\n{svc.log_tail(3000)}") from None
+
+
 def _rejections(text: str) -> Counter[str]:
     out: Counter[str] = Counter()
     for (name, labels), value in parse_metrics(text).items():
@@ -103,10 +125,11 @@ def _scored(text: str) -> int:
 
 
 def test_hostile_messages_among_good_readings_through_a_real_broker_and_a_restart(
-    names: Names, tmp_path: Path, shared_broker: str
+    names: Names, tmp_path: Path, private_broker: Broker
 ) -> None:
+    broker = private_broker
     env = {
-        "SENSORWATCH_MQTT_URL": shared_broker,
+        "SENSORWATCH_MQTT_URL": broker.url,
         "SENSORWATCH_MQTT_CLIENT_ID": names.client_id,
         "SENSORWATCH_TOPIC_READINGS": names.readings,
         "SENSORWATCH_TOPIC_PREFIX": names.prefix,
@@ -115,8 +138,8 @@ def test_hostile_messages_among_good_readings_through_a_real_broker_and_a_restar
         "SENSORWATCH_MAX_REQUEST_READINGS": str(MAX_READINGS),
         "SENSORWATCH_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD),
     }
-    collector = Collector(names.prefix)
-    publisher = Publisher()
+    collector = Collector(names.prefix, broker.host, broker.port)
+    publisher = Publisher(broker.host, broker.port)
     not_ready: list[tuple[float, int | str]] = []
     polling = threading.Event()
     try:
@@ -144,11 +167,7 @@ def test_hostile_messages_among_good_readings_through_a_real_broker_and_a_restar
             feed.run(N_FIRST, base_seed=1)
             publisher.wait_acked(120)
             dead_1, good_1 = feed.expected_dead, len(feed.good)
-            wait_until(
-                lambda: collector.count("scores") >= good_1 and collector.count("deadletter") >= dead_1,
-                300,
-                f"{good_1} scores and {dead_1} dead letters",
-            )
+            _wait_outcomes(collector, svc, good_1, dead_1, 300)
             part1_s = time.monotonic() - started
             metrics_1 = svc.metrics()
             polling.clear()
@@ -164,11 +183,7 @@ def test_hostile_messages_among_good_readings_through_a_real_broker_and_a_restar
             poller = threading.Thread(target=poll, daemon=True)
             poller.start()
             dead_all, good_all = feed.expected_dead, len(feed.good)
-            wait_until(
-                lambda: collector.count("scores") >= good_all and collector.count("deadletter") >= dead_all,
-                120,
-                f"{good_all} scores and {dead_all} dead letters",
-            )
+            _wait_outcomes(collector, svc, good_all, dead_all, 120)
             time.sleep(1.0)  # anything extra (a duplicate) would arrive now
             metrics_2 = svc.metrics()
             polling.clear()
