@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv kernels test lint typecheck pytest bench run clean broker models prometheus promtool chromium
+.PHONY: venv kernels test lint typecheck pytest bench run clean broker models prometheus promtool chromium nats
 
 # (Re)create the virtual environment when pyproject.toml changes.  The CPU build of torch is
 # installed first and pinned so that no dependency pulls a multi-GB CUDA build.
@@ -26,6 +26,10 @@ kernels: $(STAMP)
 
 broker:
 	bash scripts/ensure-mosquitto.sh
+
+# Debian's nats-server: the cluster tests start their own 3-node cluster from it.
+nats:
+	bash scripts/ensure-nats.sh
 
 # Debian's Chromium: the headless-browser test of /docs (offline).
 chromium:
@@ -48,7 +52,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy sensorwatch service
 
-pytest: $(STAMP) broker prometheus chromium kernels
+pytest: $(STAMP) broker prometheus chromium nats kernels
 	$(BIN)/pytest -q
 
 test: lint typecheck promtool pytest

@@ -1,0 +1,22 @@
+"""Fixtures of the cluster tests: a private 3-node NATS cluster (tests/cluster/nats.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.nats import NatsCluster, nats_available
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    if not nats_available():
+        pytest.fail("no nats-server binary (make test installs it: scripts/ensure-nats.sh)")
+    cluster = NatsCluster(tmp_path / "nats")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
