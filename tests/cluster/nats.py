@@ -20,12 +20,12 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class NatsNode:
-    def __init__(self, name: str, workdir: Path, cluster: str, routes: list[int]) -> None:
+    def __init__(self, name: str, workdir: Path, cluster: str, cluster_port: int) -> None:
         self.name = name
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.client_port, self.mqtt_port, self.http_port = free_port(), free_port(), free_port()
-        self.cluster_port = routes.pop(0)
+        self.cluster_port = cluster_port
         self.conf = self.dir / "nats.conf"
         self.log = self.dir / "nats.log"
         self._cluster = cluster
@@ -87,10 +87,9 @@ class NatsCluster:
 
     def __init__(self, workdir: Path, size: int = 3, name: str = "swtest") -> None:
         routes = [free_port() for _ in range(size)]
-        all_routes = list(routes)
-        self.nodes = [NatsNode(f"n{i + 1}", workdir / f"n{i + 1}", name, routes) for i in range(size)]
+        self.nodes = [NatsNode(f"n{i}", workdir / f"n{i}", name, port) for i, port in enumerate(routes, 1)]
         for node in self.nodes:
-            node.write_conf(all_routes)
+            node.write_conf(routes)
 
     @property
     def urls(self) -> str:
