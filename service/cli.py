@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 from sensorwatch import cli as lib_cli
 
@@ -22,6 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.config)
+        if settings.nats_url:  # cluster mode: a worker of the group (service/cluster)
+            return _serve_cluster(settings, args)
         # The watchdog exits the process (status 70) once a thread the service needs died, for its
         # supervisor to restart it (service/runtime.py, Service._watch).
         app = create_app(settings, insecure_no_auth=args.insecure_no_auth, on_fatal=exit_process)
@@ -37,6 +40,17 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped)
     # uvicorn with header and body timeouts and a connection cap (service/http_server.py).
+    return http_server.serve(app, settings, args.host, args.port)
+
+
+def _serve_cluster(settings: Any, args: argparse.Namespace) -> int:
+    from service import http_server
+    from service.cluster.app import create_cluster_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_cluster_app(settings, http_url=f"http://{args.host}:{args.port}")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stopped)
     return http_server.serve(app, settings, args.host, args.port)
 
 

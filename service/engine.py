@@ -34,13 +34,12 @@ from sensorwatch.artifacts import (
 from sensorwatch.model.forecaster import BUILTIN_VERSION
 from sensorwatch.scoring import kernel
 from sensorwatch.scoring.batch import Part, Reading, ReadingBatch, StepResult
-from sensorwatch.scoring.config import config_with
 from sensorwatch.scoring.scorer import StreamScorer
 from sensorwatch.state import records as rec
 from sensorwatch.state.store import DeviceStateStore, StateIncompatibleError
 from sensorwatch.state.wal import WalCorruptError, WriteAheadLog
 from service.metrics import Metrics
-from service.settings import Settings, scorer_items
+from service.settings import Settings, scorer_config
 
 log = logging.getLogger("sensorwatch.service")
 
@@ -93,16 +92,7 @@ class Engine:
         self.model_name, self.model_ref = _split_ref(version)
         self.sha256 = _sha_of(version, settings.models_dir)
         self.configured = version
-        cfg = config_with(
-            scorer_items(settings.scorer),
-            calibrator=settings.calibrator,
-            likelihood_threshold=settings.likelihood_threshold,
-            seasonal_check=settings.seasonal_check,
-            point_likelihood=settings.point_likelihood,
-            max_devices=settings.max_devices,
-            device_ttl_s=settings.device_ttl_s,
-            max_future_s=settings.max_future_s,
-        )
+        cfg = scorer_config(settings)
         # The store's clock (idle TTL) is the wall clock of the batch, recorded in its log record so a
         # replay folds exactly the same.
         self._now = time.time()

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -17,7 +17,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 LIKELIHOOD_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0)
 
-SOURCES = ("mqtt", "rest")
+SOURCES = ("mqtt", "rest", "nats")
 OUTCOMES = ("scored", "rejected")
 RELOAD_OUTCOMES = ("success", "failure")
 #: Reasons the service itself gives (a whole MQTT message or REST request refused, a scoring failure),
@@ -82,7 +82,9 @@ def _fmt(b: float) -> str:
 class Metrics:
     """All sensorwatch_* series (names and labels are part of the ops contract: dashboards, alerts)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, mqtt: bool = True) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, mqtt: bool = True, cluster: bool = False
+    ) -> None:
         """``mqtt=False`` (a REST-only service): the MQTT series are not exported — a permanent 0 in
         ``sensorwatch_mqtt_connected`` would keep the MQTTDisconnected alert firing for nothing."""
         r = self.registry = registry or CollectorRegistry()
@@ -163,6 +165,39 @@ class Metrics:
             "Write-ahead log records applied again at start-up.",
             registry=r,
         )
+        r_cluster = r if cluster else None
+        self.cluster_handoffs = Counter(
+            "sensorwatch_cluster_handoffs",
+            "Partition ownership changes of this worker: acquired, released (cooperative, checkpointed), "
+            "fenced (its lease could not be renewed in time) or lost (another worker holds it).",
+            ["kind"],
+            registry=r_cluster,
+        )
+        self.cluster_checkpoints = Counter(
+            "sensorwatch_cluster_checkpoints", "Partition checkpoints written.", registry=r_cluster
+        )
+        self.cluster_checkpoint_seconds = Histogram(
+            "sensorwatch_cluster_checkpoint_seconds",
+            "Time to write one partition checkpoint (capture + object store).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r_cluster,
+        )
+        self.cluster_partitions = Gauge(
+            "sensorwatch_cluster_partitions_owned", "Partitions this worker owns.", registry=r_cluster
+        )
+        self.cluster_lag = Gauge(
+            "sensorwatch_cluster_consumer_lag",
+            "Readings messages stored but not yet consumed, over this worker's partitions.",
+            registry=r_cluster,
+        )
+        self.cluster_members = Gauge(
+            "sensorwatch_cluster_members",
+            "Live workers of the group as this one sees them.",
+            registry=r_cluster,
+        )
+        if cluster:
+            for kind in ("acquired", "released", "fenced", "lost"):
+                self.cluster_handoffs.labels(kind)
         self._registry = r
         # Make every labelled series exist from the start (dashboards and alerts see zeros, not gaps).
         for s in SOURCES:

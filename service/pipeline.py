@@ -201,37 +201,7 @@ class MicroBatcher(_Worker):
         self.outputs.put(seq, lambda: _release(batch, result))
 
     def _count(self, batch: list[Work], result: StepResult | None) -> None:
-        """All metrics of one batch, in a handful of vectorised updates."""
-        m = self.metrics
-        sizes = np.fromiter((w.size for w in batch), dtype=np.int64, count=len(batch))
-        total = int(sizes.sum())
-        if result is None:
-            for source, n in _by_source(batch, sizes).items():
-                m.readings.labels(source, "rejected").inc(n)
-            m.rejections.labels("internal_error").inc(total)
-            return
-        m.batch_size.observe(total)
-        acc = result.accepted
-        starts = np.cumsum(sizes) - sizes
-        scored = np.add.reduceat(acc, starts[sizes > 0]) if total else np.zeros(0, dtype=np.int64)
-        per_work = np.zeros(len(batch), dtype=np.int64)
-        per_work[sizes > 0] = scored
-        for source, n in _by_source(batch, per_work).items():
-            m.readings.labels(source, "scored").inc(n)
-        for source, n in _by_source(batch, sizes - per_work).items():
-            m.readings.labels(source, "rejected").inc(n)
-        now = time.monotonic()
-        waited = np.fromiter((now - w.enqueued for w in batch), dtype=np.float64, count=len(batch))
-        m.latency.observe_many(np.repeat(waited, per_work))
-        if not acc.all():
-            for reason, n in Counter(result.reason[~acc].tolist()).items():
-                m.rejections.labels(reason).inc(n)
-        m.anomalies.inc(int(result.is_anomaly.sum()))
-        events = np.bincount(result.kind[result.starts_event], minlength=len(KINDS))
-        for code in np.flatnonzero(events[1:]) + 1:
-            m.anomaly_events.labels(KINDS[code]).inc(int(events[code]))
-        m.gap_resets.inc(int(result.gap_reset.sum()))
-        m.likelihood.observe_many(result.likelihood[acc])
+        count_batch(self.metrics, batch, result)
 
 
 def _by_source(batch: list[Work], counts: np.ndarray) -> dict[str, int]:
@@ -318,3 +288,36 @@ def _safe(fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
     except Exception:
         log.exception("result callback failed")
+
+
+def count_batch(m: Metrics, batch: list[Work], result: StepResult | None) -> None:
+    """All metrics of one scored batch, in a handful of vectorised updates."""
+    sizes = np.fromiter((w.size for w in batch), dtype=np.int64, count=len(batch))
+    total = int(sizes.sum())
+    if result is None:
+        for source, n in _by_source(batch, sizes).items():
+            m.readings.labels(source, "rejected").inc(n)
+        m.rejections.labels("internal_error").inc(total)
+        return
+    m.batch_size.observe(total)
+    acc = result.accepted
+    starts = np.cumsum(sizes) - sizes
+    scored = np.add.reduceat(acc, starts[sizes > 0]) if total else np.zeros(0, dtype=np.int64)
+    per_work = np.zeros(len(batch), dtype=np.int64)
+    per_work[sizes > 0] = scored
+    for source, n in _by_source(batch, per_work).items():
+        m.readings.labels(source, "scored").inc(n)
+    for source, n in _by_source(batch, sizes - per_work).items():
+        m.readings.labels(source, "rejected").inc(n)
+    now = time.monotonic()
+    waited = np.fromiter((now - w.enqueued for w in batch), dtype=np.float64, count=len(batch))
+    m.latency.observe_many(np.repeat(waited, per_work))
+    if not acc.all():
+        for reason, n in Counter(result.reason[~acc].tolist()).items():
+            m.rejections.labels(reason).inc(n)
+    m.anomalies.inc(int(result.is_anomaly.sum()))
+    events = np.bincount(result.kind[result.starts_event], minlength=len(KINDS))
+    for code in np.flatnonzero(events[1:]) + 1:
+        m.anomaly_events.labels(KINDS[code]).inc(int(events[code]))
+    m.gap_resets.inc(int(result.gap_reset.sum()))
+    m.likelihood.observe_many(result.likelihood[acc])

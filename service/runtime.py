@@ -21,15 +21,7 @@ from service.engine import REDELIVERY_WINDOW, Engine, Recovery
 from service.intake import IntakeProcess, ParsedMessage, Parser, decode_chunk, encode_chunk
 from service.metrics import Metrics
 from service.mqtt import RECEIVE_MAXIMUM, MqttAdapter
-from service.payloads import (
-    anomaly_event,
-    deadletter,
-    dumps,
-    episode_end_event,
-    event_id,
-    records_to_publish,
-    rejection_id,
-)
+from service.outcomes import Outcomes
 from service.pipeline import MicroBatcher, OutputStage, QueueFull, Work
 from service.settings import Settings
 
@@ -96,6 +88,10 @@ class RecentDigests:
     def __contains__(self, digest: object) -> bool:
         return digest in self._set
 
+    def items(self) -> list[bytes]:
+        """Oldest first."""
+        return list(self._order)
+
 
 class Service:
     """Wires the doors (MQTT, REST) to the one scoring path and the outputs (see :meth:`stop`)."""
@@ -155,8 +151,7 @@ class Service:
         self._snapshotter = threading.Thread(
             target=self._snapshot_loop, name="sensorwatch-snapshots", daemon=True
         )
-        p = settings.topic_prefix
-        self.t_anomalies, self.t_scores, self.t_dead = f"{p}/anomalies", f"{p}/scores", f"{p}/deadletter"
+        self.out = Outcomes(settings, self._publish)
         self.recovery: Recovery | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -370,18 +365,9 @@ class Service:
 
     def _reject_done(self, msg: ParsedMessage, meta: MessageMeta, device: str | None, *_: Any) -> None:
         try:
-            self._dead_letter(meta, msg.payload, device, replayed=False)
+            self.out.dead_letter(meta, msg.payload, device, replayed=False)
         finally:
             self._ack(msg)
-
-    def _dead_letter(self, meta: MessageMeta, payload: bytes, device: str | None, *, replayed: bool) -> None:
-        extra: dict[str, Any] = {"event_id": rejection_id(meta.digest, None)}
-        if device is not None:
-            extra["device_id"] = device
-        if replayed:
-            extra["replayed"] = True
-        reason, detail = meta.reason or "internal_error", meta.detail or ""
-        self._publish(self.t_dead, deadletter(reason, detail, meta.topic, payload, **extra))
 
     def _mqtt_done(
         self, msg: ParsedMessage, meta: MessageMeta, result: StepResult | None, start: int, stop: int
@@ -390,7 +376,7 @@ class Service:
         message — always: an unacked message would hold one of the broker's in-flight slots for this
         session until a restart, and then be scored a second time."""
         try:
-            self._publish_outcomes(meta, msg.payload, result, start, stop, replayed=False)
+            self.out.publish(meta, msg.payload, result, start, stop, replayed=False)
             faults.point("outputs.after_publish")
         finally:
             self._ack(msg)
@@ -400,70 +386,12 @@ class Service:
         start = 0
         for meta in record.messages:
             if meta.source == "mqtt" and meta.reason is not None:
-                self._dead_letter(meta, b"", None, replayed=True)
+                self.out.dead_letter(meta, b"", None, replayed=True)
             elif meta.source == "mqtt":
-                self._publish_outcomes(meta, b"", result, start, start + meta.readings, replayed=True)
+                self.out.publish(meta, b"", result, start, start + meta.readings, replayed=True)
             start += meta.readings
 
-    def _publish_outcomes(
-        self,
-        meta: MessageMeta,
-        payload: bytes,
-        result: StepResult | None,
-        start: int,
-        stop: int,
-        *,
-        replayed: bool,
-    ) -> None:
-        if result is None:
-            failed = MessageMeta(meta.source, meta.topic, meta.digest, 0, "internal_error", "scoring failed")
-            self._dead_letter(failed, payload, None, replayed=replayed)
-            return
-        for rec in records_to_publish(result, start, stop, every=self.settings.publish_scores):
-            index = rec["index"]
-            try:
-                self._publish_record(meta, payload, rec, replayed)
-            except (ValueError, TypeError) as exc:  # e.g. a NaN that strict JSON refuses
-                log.exception("result of reading %d of %s not publishable", index, meta.topic)
-                doc = deadletter(
-                    "internal_error",
-                    f"result not publishable: {exc}",
-                    meta.topic,
-                    payload,
-                    device_id=rec["device_id"],
-                    index=index,
-                    event_id=rejection_id(meta.digest, index),
-                )
-                self._publish(self.t_dead, doc)
-
-    def _publish_record(self, meta: MessageMeta, payload: bytes, rec: dict[str, Any], replayed: bool) -> None:
-        device, index = rec["device_id"], rec.pop("index")
-        if not rec["accepted"]:
-            extra: dict[str, Any] = {"replayed": True} if replayed else {}
-            doc = deadletter(
-                rec["reason"],
-                rec["detail"],
-                meta.topic,
-                payload,
-                device_id=device,
-                index=index,
-                ts=rec["ts"],
-                event_id=rejection_id(meta.digest, index),
-                **extra,
-            )
-            self._publish(self.t_dead, doc)
-            return
-        rec["event_id"] = event_id(device, rec["ts"], rec["model_version"])
-        if replayed:
-            rec["replayed"] = True
-        if rec["episode_ended"]:  # before this reading's own event: the old episode ended first
-            self._publish(f"{self.t_anomalies}/{device}", dumps(episode_end_event(rec)))
-        if rec["is_anomaly"] and not rec["continues"]:  # one event per stuck / out-of-range episode
-            self._publish(f"{self.t_anomalies}/{device}", dumps(anomaly_event(rec)))
-        if self.settings.publish_scores:
-            self._publish(f"{self.t_scores}/{device}", dumps(rec))
-
-    def _publish(self, topic: str, payload: bytes) -> None:
+    def _publish(self, topic: str, payload: bytes, key: str = "") -> None:
         if self.mqtt is not None:
             self.mqtt.publish(topic, payload)
 

@@ -19,7 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from sensorwatch.scoring.config import CalibratorName, config_with
+from sensorwatch.scoring.config import CalibratorName, ScorerConfig, config_with
 
 _TOML_FILE: Path | None = None
 
@@ -73,6 +73,36 @@ class Settings(BaseSettings):
     )
     qos: Literal[0, 1, 2] = Field(1, description="QoS of the subscription and of published events.")
     publish_scores: bool = Field(False, description="Publish every result on PREFIX/scores/ID.")
+    # --- cluster mode (NATS JetStream) ---------------------------------------------------------------
+    nats_url: str = Field(
+        "",
+        description="Cluster mode: comma-separated nats://host:port servers of a NATS JetStream cluster; "
+        "the MQTT settings are then unused (devices publish to the NATS nodes' MQTT listeners). "
+        "Empty: single-node mode (MQTT broker + local state).",
+    )
+    partitions: int = Field(
+        12, ge=1, le=1024, description="Cluster mode: partitions of the readings stream (by device id)."
+    )
+    group: str = Field(
+        "sensorwatch",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Cluster mode: the workers that share the partitions (their leases and checkpoints).",
+    )
+    worker_id: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="Cluster mode: this worker's name (default: host name and process id).",
+    )
+    lease_ttl_s: float = Field(
+        3.0,
+        ge=1.0,
+        le=600,
+        description="Cluster mode: a partition's lease lapses this long after its owner last renewed it "
+        "(renewed every third of it); a dead worker's partitions are taken over after it.",
+    )
+    checkpoint_interval_s: float = Field(
+        5.0, gt=0, description="Cluster mode: how often each owned partition's state is checkpointed."
+    )
     # --- model and state ----------------------------------------------------------------------------
     model: str = Field(
         "univariate",
@@ -203,6 +233,19 @@ class Settings(BaseSettings):
             raise ValueError("needs a host")
         return v
 
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_url(cls, v: str) -> str:
+        for server in filter(None, (part.strip() for part in v.split(","))):
+            u = urlsplit(server)
+            if u.scheme not in ("nats", "tls") or not u.hostname:
+                raise ValueError(f"{server!r}: each server must be nats://host:port or tls://host:port")
+        return v
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [part.strip() for part in self.nats_url.split(",") if part.strip()]
+
     @field_validator("topic_readings")
     @classmethod
     def _topic(cls, v: str) -> str:
@@ -321,6 +364,20 @@ def scorer_items(text: str) -> list[str]:
     (['spike_z=7', 'range_margin=none'], [])
     """
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def scorer_config(settings: Settings) -> ScorerConfig:
+    """The scorer's configuration these settings describe (the service's, a cluster worker's)."""
+    return config_with(
+        scorer_items(settings.scorer),
+        calibrator=settings.calibrator,
+        likelihood_threshold=settings.likelihood_threshold,
+        seasonal_check=settings.seasonal_check,
+        point_likelihood=settings.point_likelihood,
+        max_devices=settings.max_devices,
+        device_ttl_s=settings.device_ttl_s,
+        max_future_s=settings.max_future_s,
+    )
 
 
 class SettingsError(ValueError):

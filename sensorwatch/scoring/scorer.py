@@ -219,7 +219,13 @@ class StreamScorer:
         return self.store.capture({"model_version": self.model_version, "last_expiry": last, **(extra or {})})
 
     def restore(self, path: str) -> dict[str, Any]:
-        extra = self.store.restore(path)
+        return self._restored(self.store.restore(path))
+
+    def restore_bytes(self, data: bytes, name: str) -> dict[str, Any]:
+        """:meth:`restore` from a snapshot held in memory (``StateCopy.to_bytes``: a cluster checkpoint)."""
+        return self._restored(self.store.restore_bytes(data, name))
+
+    def _restored(self, extra: dict[str, Any]) -> dict[str, Any]:
         last = extra.get("last_expiry")
         self._last_expiry = -math.inf if last is None else float(last)
         return extra

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 SNAPSHOT_FORMAT = "sensorwatch-state/1"
 LAST_SEEN = "_store.last_seen"
@@ -84,6 +84,11 @@ class StateCopy:
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+
+    def to_bytes(self) -> bytes:
+        """The copy as one safetensors document (the same bytes :meth:`write` puts in a file): what a
+        cluster checkpoint stores."""
+        return save(self.tensors, metadata=self.metadata)
 
     def write(self, path: str | os.PathLike[str], before_rename: Callable[[], None] | None = None) -> Path:
         """Write atomically:
@@ -304,13 +309,33 @@ class DeviceStateStore:
             raise StateIncompatibleError(
                 f"{path}: not a readable safetensors state snapshot ({exc})"
             ) from exc
-        if metadata.get("format") != SNAPSHOT_FORMAT:
-            raise StateIncompatibleError(f"{path}: not a sensorwatch state snapshot")
-        return tensors, metadata
+        return tensors, _checked(metadata, str(path))
+
+    @staticmethod
+    def read_snapshot_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """:meth:`read_snapshot` of a snapshot held in memory (a cluster checkpoint); ``name`` is
+        what an error calls it."""
+        try:
+            tensors = load(data)
+            metadata = _metadata_of(data)
+        except Exception as exc:
+            raise StateIncompatibleError(
+                f"{name}: not a readable safetensors state snapshot ({exc})"
+            ) from exc
+        return tensors, _checked(metadata, name)
 
     def restore(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Replace all state with the snapshot at ``path``; returns its ``extra`` metadata."""
         tensors, metadata = self.read_snapshot(path)
+        return self.load(tensors, metadata, str(path))
+
+    def restore_bytes(self, data: bytes, name: str) -> dict[str, Any]:
+        """:meth:`restore` from a snapshot held in memory."""
+        tensors, metadata = self.read_snapshot_bytes(data, name)
+        return self.load(tensors, metadata, name)
+
+    def load(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> dict[str, Any]:
+        """Replace all state with a read snapshot (``path``: what an error calls it)."""
         theirs = json.loads(metadata["identity"])
         if theirs != self.identity:
             diff = sorted(
@@ -358,3 +383,16 @@ class DeviceStateStore:
             if row is not None:
                 out[d] = {name: t[row].clone() for name, t in self.columns.items()}
         return out
+
+
+def _checked(metadata: dict[str, str], name: str) -> dict[str, str]:
+    if metadata.get("format") != SNAPSHOT_FORMAT:
+        raise StateIncompatibleError(f"{name}: not a sensorwatch state snapshot")
+    return metadata
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors document (its JSON header, after an 8-byte length)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    return dict(header.get("__metadata__") or {})

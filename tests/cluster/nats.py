@@ -14,13 +14,14 @@ from pathlib import Path
 
 import httpx
 
+from service.cluster.topology import Topology
 from tests.e2e.harness import free_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class NatsNode:
-    def __init__(self, name: str, workdir: Path, cluster: str, cluster_port: int) -> None:
+    def __init__(self, name: str, workdir: Path, cluster: str, cluster_port: int, extra: str = "") -> None:
         self.name = name
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -29,6 +30,7 @@ class NatsNode:
         self.conf = self.dir / "nats.conf"
         self.log = self.dir / "nats.log"
         self._cluster = cluster
+        self._extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_conf(self, all_routes: list[int]) -> None:
@@ -41,6 +43,7 @@ class NatsNode:
             f"cluster {{ name: {self._cluster}, listen: 127.0.0.1:{self.cluster_port}, "
             f"routes: [{routes}] }}\n"
             f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}\n"
+            f"{self._extra}\n"
         )
 
     @property
@@ -85,9 +88,13 @@ class NatsNode:
 class NatsCluster:
     """Three nodes routed to each other; :meth:`start` returns once they agree on a JetStream meta leader."""
 
-    def __init__(self, workdir: Path, size: int = 3, name: str = "swtest") -> None:
+    def __init__(self, workdir: Path, size: int = 3, name: str = "swtest", partitions: int = 12) -> None:
         routes = [free_port() for _ in range(size)]
-        self.nodes = [NatsNode(f"n{i}", workdir / f"n{i}", name, port) for i, port in enumerate(routes, 1)]
+        # Every node maps sensors.<device>.readings to the device's partition (cluster mode's layout).
+        mappings = Topology("sensors/+/readings", "sensorwatch", partitions, "sensorwatch").server_mappings()
+        self.nodes = [
+            NatsNode(f"n{i}", workdir / f"n{i}", name, port, mappings) for i, port in enumerate(routes, 1)
+        ]
         for node in self.nodes:
             node.write_conf(routes)
 

@@ -1,0 +1,602 @@
+"""A cluster worker: owns a share of the partitions through leases, consumes each in stream order,
+scores it with the same scorer as the single-node service, publishes its outcomes through JetStream,
+and checkpoints each partition so that another worker can continue it exactly.
+
+Ownership (all in the KV bucket ``sw_<group>_leases``, whose TTL is ``LEASE_TTL_S``):
+
+1. A worker announces itself: key ``m.<worker>``, rewritten every third of the TTL. The live members
+   are the keys rewritten within the TTL (seen through a KV watch).
+2. Its share is ``ceil((P + 1) / members)`` partitions (``P`` readings partitions + the unrouted one).
+3. It acquires a free partition with ``create`` on ``p.<n>`` — compare-and-set against "no such key":
+   of two workers trying, one wins. A key is free once deleted or once its owner stopped rewriting it
+   for a TTL: JetStream then expires it (the bucket's max age), so a dead worker's partitions become
+   free ``LEASE_TTL_S`` after its last renewal, without anyone deciding it died.
+4. It renews each owned lease with ``update(last=revision)``: a renewal that finds another revision
+   means it lost the partition, and it drops it at once.
+5. It fences itself: a partition whose lease it could not renew for ``TTL - FENCE_MARGIN_S`` (counted
+   from the start of the last successful renewal, so never later than the server's own expiry) stops
+   publishing and is dropped — without a checkpoint — before any other worker can acquire it.
+6. Above its share (a worker joined) it releases one partition at a time: stop consuming after the
+   batch in hand, checkpoint, delete the lease (``last=revision``). Release → checkpoint → acquire:
+   never two owners, and the next owner continues from the checkpoint without replay.
+
+Each owned partition (see :mod:`.partition` for why this is exact):
+
+1. Restore its checkpoint ``{S, state}`` from the object store ``sw_<group>_checkpoints`` (none yet: a
+   fresh state from sequence 0; one of another model or layout: moved past with a log line, and the
+   partition's state rebuilt from the stream's retained history).
+2. Consume ``sw.in.<p>.*`` from ``S + 1`` with an ephemeral ordered consumer (no acks: the checkpoint
+   is the position); a gap in the consumer's own sequence (a message not delivered) recreates the
+   consumer from the last applied sequence, so nothing is skipped.
+3. Score each fetched run as one step, then publish its outcomes with JetStream acks, each with a
+   ``Nats-Msg-Id`` of its kind and ``event_id``: the outputs stream keeps one copy of an outcome
+   published again after a takeover (within its duplicate window); MQTT subscribers see it again,
+   with the same ``event_id``.
+4. Checkpoint every ``CHECKPOINT_INTERVAL_S`` and on release, only between runs whose outcomes are all
+   acked: a checkpoint is never ahead of the outcomes it covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from sensorwatch.artifacts import DEFAULT_MODEL, load_default_or_builtin
+from sensorwatch.scoring import kernel
+from sensorwatch.state.store import StateIncompatibleError
+from service.cluster.partition import CheckpointMismatch, PartitionState, StreamMessage
+from service.cluster.topology import OUTPUTS_STREAM, READINGS_STREAM, Topology
+from service.intake import Parser
+from service.metrics import Metrics
+from service.settings import Settings, scorer_config
+
+log = logging.getLogger("sensorwatch.cluster")
+
+FENCE_MARGIN_S = 0.5
+BALANCE_INTERVAL_S = 0.25
+FETCH_BATCH = 2000
+FETCH_TIMEOUT_S = 0.25
+#: How long the outputs stream recognises an outcome published again (a takeover replays at most a
+#: checkpoint interval plus the lease TTL): 2 minutes, JetStream's default.
+DUPLICATE_WINDOW_S = 120.0
+#: The readings stream keeps this much history (a checkpoint older than it cannot be replayed).
+READINGS_MAX_AGE_S = 7 * 86_400.0
+OUTPUTS_MAX_AGE_S = 86_400.0
+
+
+class Fenced(RuntimeError):
+    """The lease may have lapsed: this worker must not publish for the partition any more."""
+
+
+@dataclass
+class Owned:
+    state: PartitionState
+    revision: int
+    valid_until: float  # time.monotonic(): the lease certainly holds until then
+    acquired_at: float = field(default_factory=time.time)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    checkpointed: int = -1
+    checkpoint_at: float = field(default_factory=time.monotonic)
+    lag: int = 0
+
+
+class Worker:
+    """One cluster worker (see module docstring); ``start`` / ``stop`` on an asyncio loop."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, http_url: str = "") -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.http_url = http_url
+        self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}".replace(".", "-")
+        self.topology = Topology(
+            settings.topic_readings, settings.topic_prefix, settings.partitions, settings.group
+        )
+        self.ttl = settings.lease_ttl_s
+        ref = None if settings.model == DEFAULT_MODEL else settings.model
+        self.model, self.model_version = load_default_or_builtin(ref, settings.models_dir, channels=1)
+        self.config = scorer_config(settings)
+        kernel.warm([(self.model, self.config)])
+        self.parser = Parser(settings)
+        self.owned: dict[int, Owned] = {}
+        #: KV key -> (value, operation, time.monotonic() when seen), from the watch.
+        self.view: dict[str, tuple[bytes, str, float]] = {}
+        self.handoffs: list[dict[str, Any]] = []  # acquired / released / fenced / lost, with wall times
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="sensorwatch-score")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._started_at = 0.0
+        self._last_acquired = 0.0
+        self.connected = False
+        self.ready = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.nc = await nats.connect(
+            servers=self.settings.nats_servers,
+            name=f"sensorwatch-{self.id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+            disconnected_cb=self._disconnected,
+            reconnected_cb=self._reconnected,
+            error_cb=self._error,
+        )
+        self.connected = True
+        self.js = self.nc.jetstream(timeout=5)
+        await self._wait_assets()
+        self._started_at = time.monotonic()
+        for coro in (self._watch(), self._renew_loop(), self._balance_loop()):
+            self._tasks.append(asyncio.create_task(coro))
+        self.ready = True
+        log.info(
+            "cluster worker %s of group %s started: %d partitions (+1 unrouted), lease TTL %.1f s, model %s",
+            self.id,
+            self.settings.group,
+            self.topology.partitions,
+            self.ttl,
+            self.model_version,
+        )
+
+    async def stop(self) -> None:
+        """Graceful leave: stop balancing, release every partition (checkpointed; the leases are
+        renewed meanwhile), withdraw from the group, close."""
+        self._stopping = True
+        self.ready = False
+        balancer = self._tasks[-1]
+        balancer.cancel()
+        await asyncio.gather(balancer, return_exceptions=True)
+        for p in sorted(self.owned):
+            await self._release(p)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.wait(self._tasks, timeout=5.0)
+        try:
+            await asyncio.wait_for(self.kv.delete(Topology.member_key(self.id)), 5.0)
+        except Exception as exc:  # the key lapses by itself
+            log.warning("could not withdraw from the group: %s", exc)
+        # Every outcome was acked and every partition checkpointed: nothing is left to drain.
+        await asyncio.wait([asyncio.create_task(self.nc.close())], timeout=5.0)
+        self._scoring.shutdown(wait=False)
+        log.info("cluster worker %s left the group", self.id)
+
+    async def _disconnected(self) -> None:
+        self.connected = False
+        log.warning("cluster worker %s: disconnected from NATS", self.id)
+
+    async def _reconnected(self) -> None:
+        self.connected = True
+        log.info("cluster worker %s: reconnected to %s", self.id, self.nc.connected_url)
+
+    async def _error(self, exc: Exception) -> None:
+        log.debug("NATS client: %s", exc)
+
+    async def _wait_assets(self, patience_s: float = 60.0) -> None:
+        """:meth:`_ensure_assets`, again until JetStream answers (a cluster just started or one that
+        lost a node has no leader for a few seconds)."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                await self._ensure_assets()
+                await self._announce()
+                return
+            except nats.errors.Error as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("JetStream not ready (%s); trying again", type(exc).__name__)
+                await asyncio.sleep(0.5)
+
+    async def _ensure_assets(self) -> None:
+        """The streams and buckets, created by the first worker (R3 on a cluster of 3 or more)."""
+        replicas = min(3, len(self.settings.nats_servers))
+        streams = (
+            (READINGS_STREAM, self.topology.stream_subjects(), READINGS_MAX_AGE_S),
+            (OUTPUTS_STREAM, self.topology.output_subjects(), OUTPUTS_MAX_AGE_S),
+        )
+        for name, subjects, max_age in streams:
+            try:
+                await self.js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(
+                    name=name,
+                    subjects=subjects,
+                    num_replicas=replicas,
+                    max_age=max_age,
+                    duplicate_window=DUPLICATE_WINDOW_S,
+                    storage=api.StorageType.FILE,
+                )
+        t = self.topology
+        try:
+            self.kv = await self.js.key_value(t.leases_bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self.kv = await self.js.create_key_value(
+                bucket=t.leases_bucket, ttl=self.ttl, history=1, replicas=replicas
+            )
+        status = await self.kv.status()
+        if status.ttl is not None and not math.isclose(status.ttl, self.ttl, rel_tol=0.01):
+            log.warning("lease bucket's TTL is %.1f s, not LEASE_TTL_S %.1f s", status.ttl, self.ttl)
+            self.ttl = float(status.ttl)
+        try:
+            self.obs = await self.js.object_store(t.checkpoints_bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self.obs = await self.js.create_object_store(t.checkpoints_bucket, replicas=replicas)
+
+    # ------------------------------------------------------------------ membership and leases
+    async def _announce(self) -> None:
+        doc = {"http": self.http_url, "partitions": sorted(self.owned)}
+        await self.kv.put(Topology.member_key(self.id), json.dumps(doc).encode())
+
+    async def _announce_now(self) -> None:
+        """Tell the others at once what this worker owns (they even out shares by it)."""
+        try:
+            await self._announce()
+        except Exception as exc:  # the next renewal announces it
+            log.debug("announce failed: %s", exc)
+
+    async def _watch(self) -> None:
+        """Keep :attr:`view` current. Our own announcement is rewritten every third of the TTL, so a
+        whole TTL without any update means the watch broke (a NATS node died): start it again."""
+        while not self._stopping:
+            try:
+                watcher = await self.kv.watchall()
+                while True:
+                    entry = await watcher.updates(timeout=self.ttl)
+                    if entry is not None:
+                        op = entry.operation or "PUT"
+                        self.view[entry.key] = (entry.value or b"", op, time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("lease watch restarted (%s)", type(exc).__name__)
+                await asyncio.sleep(0.2)
+
+    def members(self) -> list[str]:
+        now = time.monotonic()
+        live = {
+            key[2:]
+            for key, (_, op, seen) in self.view.items()
+            if key.startswith("m.") and op == "PUT" and now - seen < self.ttl
+        }
+        return sorted(live | {self.id})
+
+    def share(self) -> int:
+        return math.ceil(len(self.topology.all_partitions) / len(self.members()))
+
+    def _someone_short(self) -> bool:
+        """A live member owns fewer than the floor of the fair share (by its last announcement):
+        then whoever is above the floor gives one up, so shares end within one of each other."""
+        members = self.members()
+        floor = len(self.topology.all_partitions) // len(members)
+        for member in members:
+            if member == self.id:
+                continue
+            seen = self.view.get(Topology.member_key(member))
+            try:
+                owned = len(json.loads(seen[0])["partitions"]) if seen else 0
+            except (ValueError, KeyError, TypeError):
+                continue
+            if owned < floor:
+                return True
+        return False
+
+    def free_partitions(self) -> list[int]:
+        """Partitions nobody holds as far as the watch shows (deleted, never taken, or not renewed for
+        a TTL), best-suited to this worker first (rendezvous hashing: few moves when members change)."""
+        now = time.monotonic()
+        out = []
+        for p in self.topology.all_partitions:
+            if p in self.owned:
+                continue
+            seen = self.view.get(Topology.lease_key(p))
+            if seen is None or seen[1] != "PUT" or now - seen[2] >= self.ttl:
+                out.append(p)
+        return sorted(out, key=self._affinity, reverse=True)
+
+    def _affinity(self, p: int) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{self.id}/{p}".encode(), digest_size=8).digest(), "big")
+
+    async def _renew_loop(self) -> None:
+        """Every third of the TTL: announce, renew every owned lease, fence what could not be renewed."""
+        while not self._stopping:
+            try:
+                await self._announce()
+            except Exception as exc:
+                log.debug("announce failed: %s", exc)
+            await asyncio.gather(*(self._renew(p) for p in list(self.owned)))
+            await self._fence()
+            await asyncio.sleep(self.ttl / 3)
+
+    async def _renew(self, p: int) -> None:
+        owned = self.owned.get(p)
+        if owned is None:
+            return
+        started = time.monotonic()
+        try:
+            key, me = Topology.lease_key(p), self.id.encode()
+            owned.revision = await self.kv.update(key, me, last=owned.revision)
+            owned.valid_until = started + self.ttl - FENCE_MARGIN_S
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await self._drop(p, "lost")
+        except Exception as exc:  # no leader for the bucket just now: the fence decides
+            log.debug("lease of partition %d not renewed: %s", p, exc)
+
+    async def _fence(self) -> None:
+        now = time.monotonic()
+        for p, owned in list(self.owned.items()):
+            if now >= owned.valid_until:
+                await self._drop(p, "fenced")
+
+    async def _balance_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._balance()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("balancing partitions failed")
+            await asyncio.sleep(BALANCE_INTERVAL_S)
+
+    async def _balance(self) -> None:
+        if self._stopping:
+            return
+        # Let the members announce themselves first: otherwise the first worker up takes everything.
+        if time.monotonic() - self._started_at < self.ttl / 3 + BALANCE_INTERVAL_S:
+            return
+        share = self.share()
+        floor = len(self.topology.all_partitions) // len(self.members())
+        # Evening out waits a TTL after an acquisition: the others' announcements are that old.
+        settled = time.monotonic() - self._last_acquired > self.ttl
+        if len(self.owned) > share or (settled and len(self.owned) > floor and self._someone_short()):
+            worst = min(self.owned, key=self._affinity)
+            await self._release(worst)
+            return
+        for p in self.free_partitions()[: share - len(self.owned)]:
+            if self._stopping:
+                return
+            await self._acquire(p)
+
+    # ------------------------------------------------------------------ handoff
+    async def _acquire(self, p: int) -> None:
+        started = time.monotonic()
+        try:
+            revision = await self.kv.create(Topology.lease_key(p), self.id.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return  # someone holds it (the watch had not shown it yet) or just won it
+        except Exception as exc:
+            log.debug("partition %d not acquired: %s", p, exc)
+            return
+        state = self._new_state(p)
+        owned = Owned(state, revision, started + self.ttl - FENCE_MARGIN_S)
+        try:
+            await self._restore(p, state)
+        except Exception as exc:  # the object store unreachable: give the lease back, try again later
+            log.warning("partition %d: checkpoint not read (%s); lease given back", p, exc)
+            await self._delete_lease(p, revision)
+            return
+        owned.checkpointed = state.applied
+        self.owned[p] = owned
+        owned.task = asyncio.create_task(self._consume(p, owned))
+        self._last_acquired = time.monotonic()
+        self._handoff("acquired", p, seq=state.applied, devices=len(state.scorer.store))
+        await self._announce_now()
+
+    def _new_state(self, p: int) -> PartitionState:
+        return PartitionState(
+            p, self.topology, self.parser, self.model, self.config, self.model_version, self.metrics
+        )
+
+    async def _restore(self, p: int, state: PartitionState) -> None:
+        try:
+            found = await self.obs.get(Topology.checkpoint_name(p))
+        except nats.js.errors.ObjectNotFoundError:
+            return
+        data = found.data or b""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._scoring, state.restore, data)
+        except (StateIncompatibleError, CheckpointMismatch) as exc:
+            log.warning(
+                "partition %d: checkpoint not usable (%s); rebuilding its state from the stream", p, exc
+            )
+
+    async def _release(self, p: int) -> None:
+        """Cooperative: stop after the run in hand, checkpoint, then delete the lease."""
+        owned = self.owned.get(p)
+        if owned is None:
+            return
+        owned.stop.set()
+        if owned.task is not None:
+            await asyncio.gather(owned.task, return_exceptions=True)
+        if time.monotonic() < owned.valid_until:
+            try:
+                await self._checkpoint(p, owned)
+            except Exception as exc:  # the next owner replays from the previous checkpoint: still exact
+                log.warning("partition %d: checkpoint on release failed (%s)", p, exc)
+            await self._delete_lease(p, owned.revision)
+        del self.owned[p]
+        self._handoff("released", p, seq=owned.state.applied)
+        await self._announce_now()
+
+    async def _drop(self, p: int, why: str) -> None:
+        """Stop at once, without a checkpoint (the lease lapsed or is another's)."""
+        owned = self.owned.pop(p, None)
+        if owned is None:
+            return
+        owned.stop.set()
+        if owned.task is not None and owned.task is not asyncio.current_task():
+            owned.task.cancel()
+        self._handoff(why, p, seq=owned.state.applied)
+        log.warning("partition %d %s (lease not renewed in time)", p, why)
+
+    async def _delete_lease(self, p: int, revision: int) -> None:
+        try:
+            await self.kv.delete(Topology.lease_key(p), last=revision)
+        except Exception as exc:  # it lapses by itself after the TTL
+            log.info("lease of partition %d not deleted (%s); it lapses in %.0f s", p, exc, self.ttl)
+
+    def _handoff(self, kind: str, p: int, **extra: Any) -> None:
+        event = {"event": kind, "partition": p, "worker": self.id, "at": time.time(), **extra}
+        self.handoffs.append(event)
+        self.metrics.cluster_handoffs.labels(kind).inc()
+        log.info("handoff %s", json.dumps(event))
+
+    # ------------------------------------------------------------------ consuming
+    async def _consume(self, p: int, owned: Owned) -> None:
+        sub = None
+        expected = 1
+        while not owned.stop.is_set():
+            if sub is None:
+                sub = await self._subscribe(p, owned)
+                expected = 1
+                if sub is None:
+                    await asyncio.sleep(0.25)
+                    continue
+            try:
+                msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                msgs = []  # nothing new within FETCH_TIMEOUT_S
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("partition %d: consumer lost (%s); recreating it", p, type(exc).__name__)
+                sub = await _unsubscribe(sub)
+                continue
+            run, broken = self._run_of(msgs, owned, expected)
+            expected += len(msgs)
+            try:
+                if run:
+                    await self._apply(p, owned, run)
+                if time.monotonic() - owned.checkpoint_at >= self.settings.checkpoint_interval_s:
+                    await self._checkpoint(p, owned)
+            except Fenced:
+                return
+            if broken:
+                log.info(
+                    "partition %d: a message was skipped; consuming again from %d", p, owned.state.applied
+                )
+                sub = await _unsubscribe(sub)
+        await _unsubscribe(sub)
+
+    async def _subscribe(self, p: int, owned: Owned) -> Any:
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=owned.state.applied + 1,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=10.0,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        try:
+            return await self.js.pull_subscribe(
+                self.topology.filter_subject(p), stream=READINGS_STREAM, config=config
+            )
+        except Exception as exc:
+            log.info("partition %d: consumer not created (%s)", p, type(exc).__name__)
+            return None
+
+    @staticmethod
+    def _run_of(msgs: list[Any], owned: Owned, expected: int) -> tuple[list[StreamMessage], bool]:
+        """The fetched messages after the last applied one, in order; ``broken``: the consumer's
+        sequence jumped (a message was not delivered), so the rest waits for a new consumer."""
+        run: list[StreamMessage] = []
+        for msg in msgs:
+            md = msg.metadata
+            if md.sequence.consumer != expected:
+                return run, True
+            expected += 1
+            owned.lag = int(md.num_pending)
+            if md.sequence.stream > owned.state.applied:
+                run.append(StreamMessage(md.sequence.stream, msg.subject, msg.data, md.timestamp.timestamp()))
+        return run, False
+
+    async def _apply(self, p: int, owned: Owned, run: list[StreamMessage]) -> None:
+        outputs: list[tuple[str, bytes, str]] = []
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self._scoring, owned.state.apply, run, lambda t, b, k: outputs.append((t, b, k))
+        )
+        await self._publish(p, owned, outputs)
+
+    async def _publish(self, p: int, owned: Owned, outputs: list[tuple[str, bytes, str]]) -> None:
+        """Publish with JetStream acks, again until all are acked (the outputs stream dedupes by
+        ``Nats-Msg-Id``) or the lease may have lapsed (:class:`Fenced`: the partition is dropped)."""
+        pending = outputs
+        while pending:
+            if time.monotonic() >= owned.valid_until:
+                await self._drop(p, "fenced")
+                raise Fenced(p)
+            futures = []
+            for topic, payload, key in pending:
+                subject = Topology.output_subject(topic)
+                futures.append(await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": key}))
+            try:
+                acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10.0)
+            except TimeoutError:
+                acks = [_acked_or_error(f) for f in futures]
+            pending = [o for o, ack in zip(pending, acks, strict=True) if isinstance(ack, BaseException)]
+            if pending:
+                await asyncio.sleep(0.1)
+
+    async def _checkpoint(self, p: int, owned: Owned) -> None:
+        owned.checkpoint_at = time.monotonic()
+        if owned.state.applied == owned.checkpointed:
+            return
+        started = time.monotonic()
+        data = await asyncio.get_running_loop().run_in_executor(self._scoring, owned.state.checkpoint)
+        seq = owned.state.applied
+        await self.obs.put(Topology.checkpoint_name(p), data)
+        owned.checkpointed = seq
+        self.metrics.cluster_checkpoints.inc()
+        self.metrics.cluster_checkpoint_seconds.observe(time.monotonic() - started)
+
+    # ------------------------------------------------------------------ inspection
+    def describe(self) -> dict[str, Any]:
+        return {
+            "worker": self.id,
+            "group": self.settings.group,
+            "members": self.members(),
+            "share": self.share(),
+            "partitions": {
+                str(p): {"applied": o.state.applied, "devices": len(o.state.scorer.store), "lag": o.lag}
+                for p, o in sorted(self.owned.items())
+            },
+        }
+
+    @property
+    def lag(self) -> int:
+        return sum(o.lag for o in self.owned.values())
+
+    @property
+    def devices(self) -> int:
+        return sum(len(o.state.scorer.store) for o in self.owned.values())
+
+
+def _acked_or_error(future: asyncio.Future[Any]) -> Any:
+    """A publish's ack, or the error to publish it again for (not acked in time, failed)."""
+    if future.done() and not future.cancelled() and future.exception() is None:
+        return future.result()
+    return TimeoutError("not acknowledged")
+
+
+async def _unsubscribe(sub: Any) -> Any:
+    """Drop a consumer's subscription (the server deletes the ephemeral consumer after its inactive
+    threshold anyway); returns None, the "no consumer" of :meth:`Worker._consume`."""
+    if sub is not None:
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:  # the connection is gone: so is the subscription
+            log.debug("unsubscribe failed: %s", exc)
+    return None
