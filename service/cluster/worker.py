@@ -70,6 +70,10 @@ FENCE_MARGIN_S = 0.5
 BALANCE_INTERVAL_S = 0.25
 FETCH_BATCH = 2000
 FETCH_TIMEOUT_S = 0.25
+#: A consumer that delivered nothing this long is checked to still exist.
+IDLE_CHECK_S = 2.0
+#: Outcomes published at once (each awaits its JetStream ack).
+PUBLISH_CONCURRENCY = 1000
 #: How long the outputs stream recognises an outcome published again (a takeover replays at most a
 #: checkpoint interval plus the lease TTL): 2 minutes, JetStream's default.
 DUPLICATE_WINDOW_S = 120.0
@@ -332,7 +336,7 @@ class Worker:
         except nats.js.errors.KeyWrongLastSequenceError:
             await self._drop(p, "lost")
         except Exception as exc:  # no leader for the bucket just now: the fence decides
-            log.debug("lease of partition %d not renewed: %s", p, exc)
+            log.info("lease of partition %d not renewed: %r", p, exc)
 
     async def _fence(self) -> None:
         now = time.monotonic()
@@ -377,7 +381,7 @@ class Worker:
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # someone holds it (the watch had not shown it yet) or just won it
         except Exception as exc:
-            log.debug("partition %d not acquired: %s", p, exc)
+            log.info("partition %d not acquired: %r", p, exc)
             return
         state = self._new_state(p)
         owned = Owned(state, revision, started + self.ttl - FENCE_MARGIN_S)
@@ -457,6 +461,7 @@ class Worker:
     async def _consume(self, p: int, owned: Owned) -> None:
         sub = None
         expected = 1
+        idle_since = time.monotonic()
         while not owned.stop.is_set():
             if sub is None:
                 sub = await self._subscribe(p, owned)
@@ -466,8 +471,14 @@ class Worker:
                     continue
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                idle_since = time.monotonic()
             except (TimeoutError, nats.errors.TimeoutError):
                 msgs = []  # nothing new within FETCH_TIMEOUT_S
+                if time.monotonic() - idle_since > IDLE_CHECK_S and not await self._consumer_alive(sub):
+                    log.info("partition %d: consumer gone (its node died?); recreating it", p)
+                    sub = await _unsubscribe(sub)
+                    continue
+                idle_since = time.monotonic() if time.monotonic() - idle_since > IDLE_CHECK_S else idle_since
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -489,6 +500,16 @@ class Worker:
                 )
                 sub = await _unsubscribe(sub)
         await _unsubscribe(sub)
+
+    @staticmethod
+    async def _consumer_alive(sub: Any) -> bool:
+        """An idle consumer still exists on the server: an ephemeral consumer lives on one node, and
+        a fetch from one whose node died only ever times out."""
+        try:
+            await sub.consumer_info()
+            return True
+        except Exception:
+            return False
 
     async def _subscribe(self, p: int, owned: Owned) -> Any:
         config = api.ConsumerConfig(
@@ -538,14 +559,20 @@ class Worker:
             if time.monotonic() >= owned.valid_until:
                 await self._drop(p, "fenced")
                 raise Fenced(p)
-            futures = []
-            for topic, payload, key in pending:
-                subject = Topology.output_subject(topic)
-                futures.append(await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": key}))
-            try:
-                acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10.0)
-            except TimeoutError:
-                acks = [_acked_or_error(f) for f in futures]
+            # js.publish (a request with its own timeout), many at once: publish_async's futures of
+            # acks lost with a dead node never resolve, and hold its pending slots until it blocks.
+            acks: list[Any] = []
+            for at in range(0, len(pending), PUBLISH_CONCURRENCY):
+                chunk = pending[at : at + PUBLISH_CONCURRENCY]
+                acks += await asyncio.gather(
+                    *(
+                        self.js.publish(
+                            Topology.output_subject(topic), payload, timeout=5.0, headers={"Nats-Msg-Id": key}
+                        )
+                        for topic, payload, key in chunk
+                    ),
+                    return_exceptions=True,
+                )
             pending = [o for o, ack in zip(pending, acks, strict=True) if isinstance(ack, BaseException)]
             if pending:
                 await asyncio.sleep(0.1)
@@ -582,13 +609,6 @@ class Worker:
     @property
     def devices(self) -> int:
         return sum(len(o.state.scorer.store) for o in self.owned.values())
-
-
-def _acked_or_error(future: asyncio.Future[Any]) -> Any:
-    """A publish's ack, or the error to publish it again for (not acked in time, failed)."""
-    if future.done() and not future.cancelled() and future.exception() is None:
-        return future.result()
-    return TimeoutError("not acknowledged")
 
 
 async def _unsubscribe(sub: Any) -> Any:

@@ -166,6 +166,35 @@ def read_outputs(cluster: NatsCluster, timeout: float = 30.0) -> list[tuple[str,
     return asyncio.run(main())
 
 
+def stored_readings(cluster: NatsCluster) -> set[tuple[str, float]]:
+    """(device, ts) of every reading the readings stream holds."""
+    from service.cluster.topology import READINGS_STREAM
+
+    async def main() -> set[tuple[str, float]]:
+        nc = await nats.connect(servers=cluster.urls.split(","))
+        js = nc.jetstream(timeout=10)
+        total = (await js.stream_info(READINGS_STREAM)).state.messages
+        cfg = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE, inactive_threshold=30
+        )
+        sub = await js.pull_subscribe(">", stream=READINGS_STREAM, config=cfg)
+        out: set[tuple[str, float]] = set()
+        seen = 0
+        deadline = time.monotonic() + 30
+        while seen < total and time.monotonic() < deadline:
+            try:
+                msgs = await sub.fetch(5000, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            seen += len(msgs)
+            for m in msgs:
+                out.add((Topology.device_of(m.subject) or "?", float(json.loads(m.data)["ts"])))
+        await nc.close()
+        return out
+
+    return asyncio.run(main())
+
+
 def read_checkpoints(cluster: NatsCluster, partitions: int, group: str = "sensorwatch") -> dict[int, bytes]:
     async def main() -> dict[int, bytes]:
         nc = await nats.connect(servers=cluster.urls.split(","))
@@ -230,3 +259,65 @@ def handoffs(procs: list[ServiceProcess]) -> list[dict[str, Any]]:
         for line in proc.log_lines("handoff {"):
             events.append(json.loads(line.split("handoff ", 1)[1]))
     return sorted(events, key=lambda e: e["at"])
+
+
+@dataclass
+class JetStreamFleet:
+    """Gateways publishing through the JetStream API (nats-py ``js.publish``): a reading counts as sent
+    once the stream acknowledged it (stored on a majority of its replicas). Each device publishes in
+    order, one reading at a time; an unacknowledged one is sent again with the same ``Nats-Msg-Id``,
+    which the stream recognises within its duplicate window (a retry after a lost ack is stored once)."""
+
+    urls: list[str]
+    devices: int
+    readings: int
+    acked: dict[str, set[int]] = field(default_factory=dict)
+    retries: int = 0
+    longest_wait_s: float = 0.0
+
+    def device(self, d: int) -> str:
+        return f"dev-{d:03d}"
+
+    def run(self, seconds: float, during: list[tuple[float, Any]] | None = None) -> None:
+        timers = [threading.Timer(at * seconds, action) for at, action in during or []]
+        for t in timers:
+            t.start()
+        try:
+            asyncio.run(self._main(seconds))
+        finally:
+            for t in timers:
+                t.join()
+
+    async def _main(self, seconds: float) -> None:
+        nc = await nats.connect(servers=self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        js = nc.jetstream(timeout=2)
+        step = seconds / self.readings
+        started = time.monotonic()
+        await asyncio.gather(*(self._device(js, d, started, step) for d in range(self.devices)))
+        await nc.close()
+
+    async def _device(self, js: Any, d: int, started: float, step: float) -> None:
+        dev = self.device(d)
+        for i in range(self.readings):
+            lag = started + i * step - time.monotonic()
+            if lag > 0:
+                await asyncio.sleep(lag)
+            payload = json.dumps({"ts": BASE_TS + 60.0 * i, "values": [reading_value(d, i)]}).encode()
+            first = time.monotonic()
+            while True:
+                try:
+                    await js.publish(
+                        f"sensors.{dev}.readings", payload, headers={"Nats-Msg-Id": f"{dev}/{i}"}
+                    )
+                    break
+                except (nats.errors.Error, TimeoutError):
+                    self.retries += 1
+                    await asyncio.sleep(0.1)
+            self.longest_wait_s = max(self.longest_wait_s, time.monotonic() - first)
+            self.acked.setdefault(dev, set()).add(i)
+
+    def wait_acked(self, timeout: float) -> int:
+        return sum(len(v) for v in self.acked.values())
+
+    def close(self) -> None:
+        """Nothing stays open after :meth:`run`."""
