@@ -54,6 +54,13 @@ def _serve_cluster(settings: Any, args: argparse.Namespace) -> int:
     return http_server.serve(app, settings, args.host, args.port)
 
 
+def _cluster_config(args: argparse.Namespace) -> int:
+    from service.cluster.topology import Topology
+
+    print(Topology(args.topic, "sensorwatch", args.partitions, "sensorwatch").server_mappings())
+    return 0
+
+
 def _stopped(signum: int, frame: FrameType | None) -> None:
     """The signal uvicorn re-raises after its graceful shutdown: already handled."""
 
@@ -143,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow starting without SENSORWATCH_ADMIN_TOKEN (admin endpoints open!)",
     )
     s.set_defaults(func=_serve)
+
+    c = sub.add_parser(
+        "cluster-config",
+        help="print the subject mapping every NATS server of a cluster-mode deployment needs",
+    )
+    c.add_argument("--partitions", type=int, default=12, help="SENSORWATCH_PARTITIONS of the workers")
+    c.add_argument("--topic", default="sensors/+/readings", help="SENSORWATCH_TOPIC_READINGS")
+    c.set_defaults(func=_cluster_config)
 
     # The library's `simulate` writes files; with --mqtt-url it needs the network, so it is served here.
     sub.choices["simulate"].set_defaults(func=_simulate)

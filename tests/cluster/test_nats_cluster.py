@@ -55,7 +55,7 @@ def test_three_nodes_form_a_jetstream_cluster_and_carry_mqtt_qos1(nats_cluster: 
     a, _, c = nats_cluster.nodes
     leader = nats_cluster.wait_leader()
     assert leader in {"n1", "n2", "n3"}
-    assert sorted(_relay(a, c, "readings"), key=int) == [str(i).encode() for i in range(100)]
+    assert sorted(_relay(a, c, "relay"), key=int) == [str(i).encode() for i in range(100)]
 
 
 @pytest.mark.skipif(
