@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from sensorwatch.artifacts import save_model
 from sensorwatch.model.forecaster import builtin_model
-from service import runtime
+from service import outcomes
 from service.app import create_app
 from service.payloads import records_to_publish
 from tests.e2e.harness import (
@@ -272,7 +272,7 @@ def test_a_result_that_cannot_be_published_is_dead_lettered_and_its_message_acke
                 r["likelihood"] = math.nan
         return records
 
-    monkeypatch.setattr(runtime, "records_to_publish", poisoned)
+    monkeypatch.setattr(outcomes, "records_to_publish", poisoned)
     settings = service_settings(names, tmp_path, shared_broker, publish_scores=True)
     collector = Collector(names.prefix)
     publisher = Publisher()
