@@ -7,10 +7,12 @@ Ownership (all in the KV bucket ``sw_<group>_leases``, whose TTL is ``LEASE_TTL_
 1. A worker announces itself: key ``m.<worker>``, rewritten every third of the TTL. The live members
    are the keys rewritten within the TTL (seen through a KV watch).
 2. Its share is ``ceil((P + 1) / members)`` partitions (``P`` readings partitions + the unrouted one).
-3. It acquires a free partition with ``create`` on ``p.<n>`` — compare-and-set against "no such key":
-   of two workers trying, one wins. A key is free once deleted or once its owner stopped rewriting it
-   for a TTL: JetStream then expires it (the bucket's max age), so a dead worker's partitions become
-   free ``LEASE_TTL_S`` after its last renewal, without anyone deciding it died.
+3. It acquires a free partition by compare-and-set on ``p.<n>``: ``create`` (against "no such key")
+   once the key is deleted or expired (the bucket's max age is the TTL), or ``update`` against the
+   revision it has watched unchanged for the TTL plus the fence margin (its owner stopped renewing
+   and has fenced itself: step 5). Of two workers trying, one wins. So a dead worker's partitions
+   become free ``LEASE_TTL_S`` after its last renewal, without anyone deciding it died — also when
+   the server does not expire the key (seen after the bucket's leader died).
 4. It renews each owned lease with ``update(last=revision)``: a renewal that finds another revision
    means it lost the partition, and it drops it at once.
 5. It fences itself: a partition whose lease it could not renew for ``TTL - FENCE_MARGIN_S`` (counted
@@ -117,8 +119,8 @@ class Worker:
         kernel.warm([(self.model, self.config)])
         self.parser = Parser(settings)
         self.owned: dict[int, Owned] = {}
-        #: KV key -> (value, operation, time.monotonic() when seen), from the watch.
-        self.view: dict[str, tuple[bytes, str, float]] = {}
+        #: KV key -> (value, operation, time.monotonic() when this revision was first seen, revision).
+        self.view: dict[str, tuple[bytes, str, float, int]] = {}
         self.handoffs: list[dict[str, Any]] = []  # acquired / released / fenced / lost, with wall times
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="sensorwatch-score")
         self._tasks: list[asyncio.Task[None]] = []
@@ -261,7 +263,9 @@ class Worker:
                     entry = await watcher.updates(timeout=self.ttl)
                     if entry is not None:
                         op = entry.operation or "PUT"
-                        self.view[entry.key] = (entry.value or b"", op, time.monotonic())
+                        before = self.view.get(entry.key)
+                        seen = before[2] if before and before[3] == entry.revision else time.monotonic()
+                        self.view[entry.key] = (entry.value or b"", op, seen, entry.revision)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -272,7 +276,7 @@ class Worker:
         now = time.monotonic()
         live = {
             key[2:]
-            for key, (_, op, seen) in self.view.items()
+            for key, (_, op, seen, _) in self.view.items()
             if key.startswith("m.") and op == "PUT" and now - seen < self.ttl
         }
         return sorted(live | {self.id})
@@ -329,14 +333,28 @@ class Worker:
         if owned is None:
             return
         started = time.monotonic()
+        key, me = Topology.lease_key(p), self.id.encode()
         try:
-            key, me = Topology.lease_key(p), self.id.encode()
             owned.revision = await self.kv.update(key, me, last=owned.revision)
             owned.valid_until = started + self.ttl - FENCE_MARGIN_S
         except nats.js.errors.KeyWrongLastSequenceError:
-            await self._drop(p, "lost")
+            if not await self._still_ours(p, owned):
+                await self._drop(p, "lost")
         except Exception as exc:  # no leader for the bucket just now: the fence decides
             log.info("lease of partition %d not renewed: %r", p, exc)
+
+    async def _still_ours(self, p: int, owned: Owned) -> bool:
+        """After a renewal refused for its revision: an earlier renewal of ours may have been stored
+        with its ack lost (the bucket's leader died meanwhile). The lease is still ours when the key
+        holds our id: adopt its revision (the fence deadline stays where it was)."""
+        try:
+            entry = await self.kv.get(Topology.lease_key(p))
+        except Exception:
+            return False
+        if entry.value == self.id.encode() and entry.operation in (None, "PUT") and entry.revision:
+            owned.revision = entry.revision
+            return True
+        return False
 
     async def _fence(self) -> None:
         now = time.monotonic()
@@ -377,7 +395,7 @@ class Worker:
     async def _acquire(self, p: int) -> None:
         started = time.monotonic()
         try:
-            revision = await self.kv.create(Topology.lease_key(p), self.id.encode())
+            revision = await self._claim(p)
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # someone holds it (the watch had not shown it yet) or just won it
         except Exception as exc:
@@ -385,18 +403,39 @@ class Worker:
             return
         state = self._new_state(p)
         owned = Owned(state, revision, started + self.ttl - FENCE_MARGIN_S)
+        self.owned[p] = owned  # renewed from now on, while the checkpoint is read
         try:
             await self._restore(p, state)
         except Exception as exc:  # the object store unreachable: give the lease back, try again later
             log.warning("partition %d: checkpoint not read (%s); lease given back", p, exc)
-            await self._delete_lease(p, revision)
+            if self.owned.get(p) is owned:
+                del self.owned[p]
+                await self._delete_lease(p, owned.revision)
             return
+        if self.owned.get(p) is not owned:
+            return  # fenced or lost while restoring
         owned.checkpointed = state.applied
-        self.owned[p] = owned
         owned.task = asyncio.create_task(self._consume(p, owned))
         self._last_acquired = time.monotonic()
         self._handoff("acquired", p, seq=state.applied, devices=len(state.scorer.store))
         await self._announce_now()
+
+    async def _claim(self, p: int) -> int:
+        """The lease of a free partition, by compare-and-set (see module docstring, step 3): ``create``
+        when the key is gone; otherwise, when the revision the watch shows has not changed for the
+        TTL plus the fence margin (its owner stopped renewing: it fenced itself by then), ``update``
+        against exactly that revision — it fails if anyone wrote the key since. The second way does
+        not depend on the server expiring the key: seen once after a node's death, a lapsed lease
+        stayed in the bucket past its max age."""
+        key, me = Topology.lease_key(p), self.id.encode()
+        try:
+            return await self.kv.create(key, me)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            seen = self.view.get(key)
+            if seen is None or seen[1] != "PUT" or time.monotonic() - seen[2] < self.ttl + FENCE_MARGIN_S:
+                raise
+            log.info("partition %d: lease of %s lapsed without expiring; taking it over", p, seen[0].decode())
+            return await self.kv.update(key, me, last=seen[3])
 
     def _new_state(self, p: int) -> PartitionState:
         return PartitionState(
@@ -443,7 +482,8 @@ class Worker:
         if owned.task is not None and owned.task is not asyncio.current_task():
             owned.task.cancel()
         self._handoff(why, p, seq=owned.state.applied)
-        log.warning("partition %d %s (lease not renewed in time)", p, why)
+        cause = "its lease is another worker's" if why == "lost" else "its lease could not be renewed in time"
+        log.warning("partition %d %s: %s", p, why, cause)
 
     async def _delete_lease(self, p: int, revision: int) -> None:
         try:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.cluster.topology import READINGS_STREAM
 from tests.cluster.fleet import (
     BASE_TS,
     Fleet,
@@ -41,6 +42,7 @@ from tests.e2e.procs import ServiceProcess
 from tests.support import wait_until
 
 PARTITIONS = 12
+LEASES_STREAM = "KV_sw_sensorwatch_leases"
 TAKEOVER_LIMIT_S = 5.0
 
 
@@ -196,16 +198,14 @@ def _check_ownership(
 pytestmark = pytest.mark.timeout(300)
 
 
-def _stream_leader(cluster: NatsCluster) -> str:
+def _stream_leader(cluster: NatsCluster, stream: str) -> str:
     import asyncio
 
     import nats
 
-    from service.cluster.topology import READINGS_STREAM
-
     async def main() -> str:
         nc = await nats.connect(servers=cluster.urls.split(","))
-        info = await nc.jetstream(timeout=10).stream_info(READINGS_STREAM)
+        info = await nc.jetstream(timeout=10).stream_info(stream)
         await nc.close()
         assert info.cluster is not None
         assert info.cluster.leader
@@ -214,12 +214,16 @@ def _stream_leader(cluster: NatsCluster) -> str:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("door", ["jetstream", "mqtt"])
-def test_kill9_the_nats_node_leading_the_readings_stream_under_load(
-    nats_cluster: NatsCluster, tmp_path: Path, door: str
+@pytest.mark.parametrize(
+    ("door", "stream"),
+    [("jetstream", READINGS_STREAM), ("jetstream", LEASES_STREAM), ("mqtt", READINGS_STREAM)],
+)
+def test_kill9_a_nats_node_under_load(
+    nats_cluster: NatsCluster, tmp_path: Path, door: str, stream: str
 ) -> None:
-    """The node that leads the readings stream dies mid-run; the fleet publishes through the two
-    others. Every acknowledged reading must still get exactly one outcome, and the states be exact.
+    """The node that leads ``stream`` (the readings, or the lease bucket's) dies mid-run; the fleet
+    publishes through the two others. Every acknowledged reading must still get exactly one outcome,
+    and the states be exact.
 
     ``jetstream``: gateways publishing with JetStream acks (the promise cluster mode makes).
     ``mqtt``: plain MQTT QoS1 devices: nats-server 2.9 sends the PUBACK before the readings stream
@@ -235,7 +239,7 @@ def test_kill9_the_nats_node_leading_the_readings_stream_under_load(
     try:
         _start(procs)
         wait_until(lambda: _converged(procs), 30, "all partitions owned")
-        leader = _stream_leader(nats_cluster)
+        leader = _stream_leader(nats_cluster, stream)
         victim = next(n for n in nats_cluster.nodes if n.name == leader)
         others = [n for n in nats_cluster.nodes if n is not victim]
         if door == "mqtt":
@@ -256,7 +260,7 @@ def test_kill9_the_nats_node_leading_the_readings_stream_under_load(
         lost = acked_set - stored_readings(nats_cluster)
         total = fleet.devices * fleet.readings
         print(
-            f"\n{door}: NATS node {leader} killed: {acked} of {total} acked, {len(lost)} of them not stored"
+            f"\n{door}: {leader} (leading {stream}) killed: {acked} of {total} acked, {len(lost)} not stored"
         )
         if door == "jetstream":
             print(f"publisher retries {fleet.retries}, longest wait for an ack {fleet.longest_wait_s:.2f} s")
