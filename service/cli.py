@@ -57,7 +57,8 @@ def _serve_cluster(settings: Any, args: argparse.Namespace) -> int:
 def _cluster_config(args: argparse.Namespace) -> int:
     from service.cluster.topology import Topology
 
-    print(Topology(args.topic, "sensorwatch", args.partitions, "sensorwatch").server_mappings())
+    topology = Topology(args.topic, "sensorwatch", args.partitions, "sensorwatch")
+    print(topology.server_config(args.mqtt_listen))
     return 0
 
 
@@ -153,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "cluster-config",
-        help="print the subject mapping every NATS server of a cluster-mode deployment needs",
+        help="print the mappings and MQTT block every NATS server of a cluster-mode deployment needs",
     )
     c.add_argument("--partitions", type=int, default=12, help="SENSORWATCH_PARTITIONS of the workers")
     c.add_argument("--topic", default="sensors/+/readings", help="SENSORWATCH_TOPIC_READINGS")
+    c.add_argument("--mqtt-listen", default="0.0.0.0:1883", help="the server's MQTT listener")
     c.set_defaults(func=_cluster_config)
 
     # The library's `simulate` writes files; with --mqtt-url it needs the network, so it is served here.

@@ -169,7 +169,8 @@ class Metrics:
         self.cluster_handoffs = Counter(
             "sensorwatch_cluster_handoffs",
             "Partition ownership changes of this worker: acquired, released (cooperative, checkpointed), "
-            "fenced (its lease could not be renewed in time) or lost (another worker holds it).",
+            "fenced (its lease could not be renewed in time), lost (another worker holds it) or failed (its "
+            "consumer stopped).",
             ["kind"],
             registry=r_cluster,
         )
@@ -196,7 +197,7 @@ class Metrics:
             registry=r_cluster,
         )
         if cluster:
-            for kind in ("acquired", "released", "fenced", "lost"):
+            for kind in ("acquired", "released", "fenced", "lost", "failed"):
                 self.cluster_handoffs.labels(kind)
         self._registry = r
         # Make every labelled series exist from the start (dashboards and alerts see zeros, not gaps).

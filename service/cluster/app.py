@@ -2,8 +2,8 @@
 readings stream.
 
 REST in cluster mode **routes**: ``POST /v1/score`` publishes each device's readings, in order, as one
-message on ``sensors.<device>.readings`` through JetStream (the server maps it to the device's
-partition) and answers 202 once the stream acknowledged every message (stored on a majority of its
+message on ``sw.gw.<device>`` through JetStream (the server maps it to the device's partition of the
+readings stream) and answers 202 once the stream acknowledged every message (stored on a majority of its
 replicas). The owner of the partition scores them like MQTT readings; the outcomes appear on the
 output subjects (``sensorwatch/scores/<device>`` with ``PUBLISH_SCORES``, anomalies, dead letters).
 Answering for owned devices directly would score readings that are not in the stream, so a takeover
@@ -109,8 +109,7 @@ def create_cluster_app(settings: Settings, http_url: str = "") -> FastAPI:
         stored = []
         for device, items in by_device.items():
             payload = orjson.dumps({"readings": items})
-            subject = Topology.output_subject(settings.topic_readings.replace("+", device))
-            ack = await worker.js.publish(subject, payload, stream=READINGS_STREAM)
+            ack = await worker.js.publish(Topology.gateway_subject(device), payload, stream=READINGS_STREAM)
             stored.append({"device_id": device, "stream_seq": ack.seq, "readings": len(items)})
         return JSONResponse({"routed": stored, "readings": len(readings)}, status_code=202)
 

@@ -1,32 +1,46 @@
-"""The names cluster mode uses, in one place, and the partition mapping every NATS server needs.
+"""The names cluster mode uses, in one place, and the configuration every NATS server needs.
 
 Devices publish MQTT ``sensors/<device>/readings``; NATS sees the subject ``sensors.<device>.readings``
-and the servers' mapping (:func:`server_mappings`) rewrites it to ``sw.in.<p>.<device>``, where ``p`` is
-a hash of the device id modulo the partition count (``partition(P, 1)``: deterministic, the same on
-every node). The readings stream stores ``sw.in.>``, so one partition is one filtered, ordered slice of
-it; a worker owning ``p`` consumes ``sw.in.<p>.*`` in stream order. Anything published under
-``sensors.>`` that the mapping did not rewrite (a topic that does not fit) is stored too, as the extra
-*unrouted* partition ``P``, whose owner dead-letters it: nothing is dropped silently.
+and the servers' mapping (:meth:`Topology.server_config`) rewrites it to ``sw.in.<p>.<device>``,
+where ``p`` is a hash of the device id modulo the partition count (``partition(P, 1)``: deterministic,
+the same on every node). Gateways that publish through the JetStream API use ``sw.gw.<device>``,
+mapped to the same partition.
+
+The readings stream is the servers' own MQTT message stream ``$MQTT_msgs``, created by the workers
+(R3, *limits* retention) before any MQTT client connects: nats-server 2.9 sends an MQTT QoS1 PUBACK
+once the message is stored in ``$MQTT_msgs`` (under ``$MQTT.msgs.<mapped subject>``), and nothing
+else it does is part of the acknowledgement — a stream of our own capturing ``sw.in.>`` lost every
+reading PUBACKed while it had no leader (docs/cluster-broker-gap.md). The stock ``$MQTT_msgs`` (interest
+retention) drops a message no MQTT subscription wants, so the workers create theirs first and refuse
+to run on the stock one. A partition is one filtered, ordered slice: ``$MQTT.msgs.sw.in.<p>.*``.
+Anything under ``sensors.>`` that the mapping did not rewrite is the extra *unrouted* partition
+``P``, whose owner dead-letters it: nothing is dropped silently.
 
 >>> from service.cluster.topology import Topology
 >>> t = Topology("sensors/+/readings", "sensorwatch", partitions=12, group="fleet")
 >>> t.filter_subject(3), t.filter_subject(12)
-('sw.in.3.*', 'sensors.>')
->>> t.device_of("sw.in.3.pump-7"), t.output_subject("sensorwatch/anomalies/pump-7")
+('$MQTT.msgs.sw.in.3.*', '$MQTT.msgs.sensors.>')
+>>> t.device_of("$MQTT.msgs.sw.in.3.pump-7"), t.output_subject("sensorwatch/anomalies/pump-7")
 ('pump-7', 'sensorwatch.anomalies.pump-7')
->>> print(t.server_mappings())
+>>> t.gateway_subject("pump-7")
+'sw.gw.pump-7'
+>>> print(t.server_config())
 mappings = {
   "sensors.*.readings": "sw.in.{{partition(12,1)}}.{{wildcard(1)}}"
+  "sw.gw.*": "$MQTT.msgs.sw.in.{{partition(12,1)}}.{{wildcard(1)}}"
 }
+mqtt { listen: 0.0.0.0:1883, stream_replicas: 3 }
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-READINGS_STREAM = "SENSORWATCH_READINGS"
+READINGS_STREAM = "$MQTT_msgs"
+MQTT_MSGS = "$MQTT.msgs."
 OUTPUTS_STREAM = "SENSORWATCH_OUTPUTS"
 INPUT_PREFIX = "sw.in"
+GATEWAY_PREFIX = "sw.gw"
 
 
 @dataclass(frozen=True)
@@ -50,17 +64,23 @@ class Topology:
     def all_partitions(self) -> list[int]:
         return list(range(self.partitions + 1))
 
-    def server_mappings(self) -> str:
-        """The ``mappings`` block every NATS server of the cluster needs (its account's, or the
-        top level for the default account): without it every reading lands in the unrouted partition."""
+    def server_config(self, mqtt_listen: str = "0.0.0.0:1883", replicas: int = 3) -> str:
+        """What every NATS server of the cluster needs in its configuration (its account's
+        ``mappings``, or the top level for the default account): without the mappings every reading
+        lands in the unrouted partition; ``stream_replicas`` keeps the servers' other MQTT streams on
+        as many nodes as the readings."""
         wildcard = 1  # the readings topic has exactly one '+' (settings check it): the first wildcard
-        hashed = f"{{{{partition({self.partitions},{wildcard})}}}}"
-        target = f"{INPUT_PREFIX}.{hashed}.{{{{wildcard({wildcard})}}}}"
-        return f'mappings = {{\n  "{self.readings_subject}": "{target}"\n}}'
+        hashed = f"{{{{partition({self.partitions},{wildcard})}}}}.{{{{wildcard({wildcard})}}}}"
+        return (
+            "mappings = {\n"
+            f'  "{self.readings_subject}": "{INPUT_PREFIX}.{hashed}"\n'
+            f'  "{GATEWAY_PREFIX}.*": "{MQTT_MSGS}{INPUT_PREFIX}.{hashed}"\n'
+            "}\n"
+            f"mqtt {{ listen: {mqtt_listen}, stream_replicas: {replicas} }}"
+        )
 
     def stream_subjects(self) -> list[str]:
-        first = self.readings_subject.split(".")[0]
-        return [f"{INPUT_PREFIX}.>", f"{first}.>"]
+        return [f"{MQTT_MSGS}>"]
 
     def output_subjects(self) -> list[str]:
         p = self.topic_prefix.replace("/", ".")
@@ -68,13 +88,18 @@ class Topology:
 
     def filter_subject(self, partition: int) -> str:
         if partition == self.unrouted:
-            return self.stream_subjects()[1]
-        return f"{INPUT_PREFIX}.{partition}.*"
+            return f"{MQTT_MSGS}{self.readings_subject.split('.')[0]}.>"
+        return f"{MQTT_MSGS}{INPUT_PREFIX}.{partition}.*"
+
+    @staticmethod
+    def gateway_subject(device: str) -> str:
+        """Where a JetStream-API publisher sends a device's readings (acked once stored)."""
+        return f"{GATEWAY_PREFIX}.{device}"
 
     @staticmethod
     def device_of(subject: str) -> str | None:
         """The device id of a routed reading's subject; None for an unrouted one."""
-        parts = subject.split(".", 3)
+        parts = subject.removeprefix(MQTT_MSGS).split(".", 3)
         if len(parts) == 4 and f"{parts[0]}.{parts[1]}" == INPUT_PREFIX:
             return parts[3]
         return None
@@ -84,7 +109,7 @@ class Topology:
         device = self.device_of(subject)
         if device is not None:
             return self.topic_readings.replace("+", device)
-        return subject.replace(".", "/")
+        return subject.removeprefix(MQTT_MSGS).replace(".", "/")
 
     @staticmethod
     def output_subject(topic: str) -> str:

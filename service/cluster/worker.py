@@ -9,10 +9,10 @@ Ownership (all in the KV bucket ``sw_<group>_leases``, whose TTL is ``LEASE_TTL_
 2. Its share is ``ceil((P + 1) / members)`` partitions (``P`` readings partitions + the unrouted one).
 3. It acquires a free partition by compare-and-set on ``p.<n>``: ``create`` (against "no such key")
    once the key is deleted or expired (the bucket's max age is the TTL), or ``update`` against the
-   revision it has watched unchanged for the TTL plus the fence margin (its owner stopped renewing
-   and has fenced itself: step 5). Of two workers trying, one wins. So a dead worker's partitions
-   become free ``LEASE_TTL_S`` after its last renewal, without anyone deciding it died — also when
-   the server does not expire the key (seen after the bucket's leader died).
+   revision the bucket's leader holds, read unchanged for the TTL plus the fence margin (its owner
+   stopped renewing and has fenced itself: step 5). Of two workers trying, one wins. So a dead
+   worker's partitions become free ``LEASE_TTL_S`` after its last renewal, without anyone deciding
+   it died — also when the server does not expire the key (seen after the bucket's leader died).
 4. It renews each owned lease with ``update(last=revision)``: a renewal that finds another revision
    means it lost the partition, and it drops it at once.
 5. It fences itself: a partition whose lease it could not renew for ``TTL - FENCE_MARGIN_S`` (counted
@@ -74,6 +74,8 @@ FETCH_BATCH = 2000
 FETCH_TIMEOUT_S = 0.25
 #: A consumer that delivered nothing this long is checked to still exist.
 IDLE_CHECK_S = 2.0
+#: The longest a checkpoint may take to read or write before the attempt is given up (and retried).
+OBJECT_STORE_TIMEOUT_S = 15.0
 #: Outcomes published at once (each awaits its JetStream ack).
 PUBLISH_CONCURRENCY = 1000
 #: How long the outputs stream recognises an outcome published again (a takeover replays at most a
@@ -82,6 +84,10 @@ DUPLICATE_WINDOW_S = 120.0
 #: The readings stream keeps this much history (a checkpoint older than it cannot be replayed).
 READINGS_MAX_AGE_S = 7 * 86_400.0
 OUTPUTS_MAX_AGE_S = 86_400.0
+
+
+class ClusterConfigError(RuntimeError):
+    """The NATS side is set up in a way cluster mode cannot keep its promises with."""
 
 
 class Fenced(RuntimeError):
@@ -127,6 +133,8 @@ class Worker:
         self._stopping = False
         self._started_at = 0.0
         self._last_acquired = 0.0
+        #: lease key -> (the leader's revision, when this worker first read it): see _claim.
+        self._unchanged: dict[str, tuple[int, float]] = {}
         self.connected = False
         self.ready = False
 
@@ -215,15 +223,23 @@ class Worker:
         )
         for name, subjects, max_age in streams:
             try:
-                await self.js.stream_info(name)
+                info = await self.js.stream_info(name)
             except nats.js.errors.NotFoundError:
-                await self.js.add_stream(
+                info = await self.js.add_stream(
                     name=name,
                     subjects=subjects,
                     num_replicas=replicas,
                     max_age=max_age,
                     duplicate_window=DUPLICATE_WINDOW_S,
                     storage=api.StorageType.FILE,
+                    retention=api.RetentionPolicy.LIMITS,
+                )
+            retention = getattr(info.config.retention, "value", info.config.retention)
+            if name == READINGS_STREAM and retention != "limits":
+                raise ClusterConfigError(
+                    f"stream {name} has {retention} retention: the NATS servers created it when an MQTT "
+                    "client connected before any worker; its PUBACKs do not keep readings. Delete it "
+                    "while no MQTT client is connected and start the workers first (docs/cluster.md)"
                 )
         t = self.topology
         try:
@@ -361,6 +377,12 @@ class Worker:
         for p, owned in list(self.owned.items()):
             if now >= owned.valid_until:
                 await self._drop(p, "fenced")
+            elif owned.task is not None and owned.task.done() and not owned.stop.is_set():
+                # A consumer that died of a bug: give the partition up (another worker, or this one
+                # later, continues it from its checkpoint) rather than hold it unconsumed.
+                exc = owned.task.exception() if not owned.task.cancelled() else None
+                log.error("partition %d: its consumer stopped (%r); giving it up", p, exc)
+                await self._drop(p, "failed")
 
     async def _balance_loop(self) -> None:
         while not self._stopping:
@@ -405,7 +427,7 @@ class Worker:
         owned = Owned(state, revision, started + self.ttl - FENCE_MARGIN_S)
         self.owned[p] = owned  # renewed from now on, while the checkpoint is read
         try:
-            await self._restore(p, state)
+            await asyncio.wait_for(self._restore(p, state), OBJECT_STORE_TIMEOUT_S)
         except Exception as exc:  # the object store unreachable: give the lease back, try again later
             log.warning("partition %d: checkpoint not read (%s); lease given back", p, exc)
             if self.owned.get(p) is owned:
@@ -422,20 +444,39 @@ class Worker:
 
     async def _claim(self, p: int) -> int:
         """The lease of a free partition, by compare-and-set (see module docstring, step 3): ``create``
-        when the key is gone; otherwise, when the revision the watch shows has not changed for the
-        TTL plus the fence margin (its owner stopped renewing: it fenced itself by then), ``update``
-        against exactly that revision — it fails if anyone wrote the key since. The second way does
-        not depend on the server expiring the key: seen once after a node's death, a lapsed lease
-        stayed in the bucket past its max age."""
+        when the key is gone; otherwise, once the revision the bucket's leader holds for it has stayed
+        the same for the TTL plus the fence margin across this worker's own reads (its owner stopped
+        renewing, and fenced itself by then), ``update`` against exactly that revision — it fails if
+        anyone wrote the key since. The second way does not depend on the server expiring the key:
+        after the bucket's leader died, lapsed keys stayed past their max age, and the watch showed
+        an older revision than the leader held (a renewal stored with its reply lost)."""
         key, me = Topology.lease_key(p), self.id.encode()
         try:
             return await self.kv.create(key, me)
         except nats.js.errors.KeyWrongLastSequenceError:
-            seen = self.view.get(key)
-            if seen is None or seen[1] != "PUT" or time.monotonic() - seen[2] < self.ttl + FENCE_MARGIN_S:
-                raise
-            log.info("partition %d: lease of %s lapsed without expiring; taking it over", p, seen[0].decode())
-            return await self.kv.update(key, me, last=seen[3])
+            pass
+        revision = await self._leader_revision(key)
+        now = time.monotonic()
+        first = self._unchanged.get(key)
+        if revision is None or first is None or first[0] != revision:
+            self._unchanged[key] = (revision or 0, now)
+            raise nats.js.errors.KeyWrongLastSequenceError
+        if now - first[1] < self.ttl + FENCE_MARGIN_S:
+            raise nats.js.errors.KeyWrongLastSequenceError
+        log.info("partition %d: lease lapsed without expiring (revision %d); taking it over", p, revision)
+        del self._unchanged[key]
+        return await self.kv.update(key, me, last=revision)
+
+    async def _leader_revision(self, key: str) -> int | None:
+        """The key's revision as the bucket's leader has it (not a replica's direct answer)."""
+        bucket = self.topology.leases_bucket
+        try:
+            msg = await self.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=False)
+        except nats.js.errors.NotFoundError:
+            return None
+        if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        return int(msg.seq) if msg.seq else None
 
     def _new_state(self, p: int) -> PartitionState:
         return PartitionState(
@@ -531,7 +572,7 @@ class Worker:
                 if run:
                     await self._apply(p, owned, run)
                 if time.monotonic() - owned.checkpoint_at >= self.settings.checkpoint_interval_s:
-                    await self._checkpoint(p, owned)
+                    await self._checkpoint_or_log(p, owned)
             except Fenced:
                 return
             if broken:
@@ -617,6 +658,19 @@ class Worker:
             if pending:
                 await asyncio.sleep(0.1)
 
+    async def _checkpoint_or_log(self, p: int, owned: Owned) -> None:
+        """A periodic checkpoint; one that fails is tried again at the next interval (a takeover
+        meanwhile replays from the previous one: longer, still exact)."""
+        try:
+            await self._checkpoint(p, owned)
+        except Exception as exc:
+            log.warning(
+                "partition %d: checkpoint failed (%r); trying again in %.0f s",
+                p,
+                exc,
+                self.settings.checkpoint_interval_s,
+            )
+
     async def _checkpoint(self, p: int, owned: Owned) -> None:
         owned.checkpoint_at = time.monotonic()
         if owned.state.applied == owned.checkpointed:
@@ -624,7 +678,8 @@ class Worker:
         started = time.monotonic()
         data = await asyncio.get_running_loop().run_in_executor(self._scoring, owned.state.checkpoint)
         seq = owned.state.applied
-        await self.obs.put(Topology.checkpoint_name(p), data)
+        # nats-py's object store waits without a deadline of its own (seen hanging after a node died).
+        await asyncio.wait_for(self.obs.put(Topology.checkpoint_name(p), data), OBJECT_STORE_TIMEOUT_S)
         owned.checkpointed = seq
         self.metrics.cluster_checkpoints.inc()
         self.metrics.cluster_checkpoint_seconds.observe(time.monotonic() - started)

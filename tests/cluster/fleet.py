@@ -173,11 +173,12 @@ def stored_readings(cluster: NatsCluster) -> set[tuple[str, float]]:
     async def main() -> set[tuple[str, float]]:
         nc = await nats.connect(servers=cluster.urls.split(","))
         js = nc.jetstream(timeout=10)
-        total = (await js.stream_info(READINGS_STREAM)).state.messages
+        info = await js.stream_info(READINGS_STREAM, subjects_filter="$MQTT.msgs.sw.in.>")
+        total = sum((info.state.subjects or {}).values())
         cfg = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE, inactive_threshold=30
         )
-        sub = await js.pull_subscribe(">", stream=READINGS_STREAM, config=cfg)
+        sub = await js.pull_subscribe("$MQTT.msgs.sw.in.>", stream=READINGS_STREAM, config=cfg)
         out: set[tuple[str, float]] = set()
         seen = 0
         deadline = time.monotonic() + 30
@@ -307,7 +308,7 @@ class JetStreamFleet:
             while True:
                 try:
                     await js.publish(
-                        f"sensors.{dev}.readings", payload, headers={"Nats-Msg-Id": f"{dev}/{i}"}
+                        Topology.gateway_subject(dev), payload, headers={"Nats-Msg-Id": f"{dev}/{i}"}
                     )
                     break
                 except (nats.errors.Error, TimeoutError):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,9 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class NatsNode:
-    def __init__(self, name: str, workdir: Path, cluster: str, cluster_port: int, extra: str = "") -> None:
+    def __init__(
+        self, name: str, workdir: Path, cluster: str, cluster_port: int, extra: Callable[[int], str]
+    ) -> None:
         self.name = name
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -42,8 +45,7 @@ class NatsNode:
             f'jetstream {{ store_dir: "{self.dir}/js" }}\n'
             f"cluster {{ name: {self._cluster}, listen: 127.0.0.1:{self.cluster_port}, "
             f"routes: [{routes}] }}\n"
-            f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}\n"
-            f"{self._extra}\n"
+            f"{self._extra(self.mqtt_port)}\n"
         )
 
     @property
@@ -91,9 +93,13 @@ class NatsCluster:
     def __init__(self, workdir: Path, size: int = 3, name: str = "swtest", partitions: int = 12) -> None:
         routes = [free_port() for _ in range(size)]
         # Every node maps sensors.<device>.readings to the device's partition (cluster mode's layout).
-        mappings = Topology("sensors/+/readings", "sensorwatch", partitions, "sensorwatch").server_mappings()
+        topology = Topology("sensors/+/readings", "sensorwatch", partitions, "sensorwatch")
+
+        def extra(mqtt_port: int) -> str:
+            return topology.server_config(f"127.0.0.1:{mqtt_port}")
+
         self.nodes = [
-            NatsNode(f"n{i}", workdir / f"n{i}", name, port, mappings) for i, port in enumerate(routes, 1)
+            NatsNode(f"n{i}", workdir / f"n{i}", name, port, extra) for i, port in enumerate(routes, 1)
         ]
         for node in self.nodes:
             node.write_conf(routes)

@@ -217,6 +217,7 @@ def _stream_leader(cluster: NatsCluster, stream: str) -> str:
 @pytest.mark.parametrize(
     ("door", "stream"),
     [("jetstream", READINGS_STREAM), ("jetstream", LEASES_STREAM), ("mqtt", READINGS_STREAM)],
+    ids=["jetstream-readings-leader", "jetstream-leases-leader", "mqtt-readings-leader"],
 )
 def test_kill9_a_nats_node_under_load(
     nats_cluster: NatsCluster, tmp_path: Path, door: str, stream: str
