@@ -75,7 +75,7 @@ FETCH_TIMEOUT_S = 0.25
 #: A consumer that delivered nothing this long is checked to still exist.
 IDLE_CHECK_S = 2.0
 #: The longest a checkpoint may take to read or write before the attempt is given up (and retried).
-OBJECT_STORE_TIMEOUT_S = 15.0
+OBJECT_STORE_TIMEOUT_S = 5.0
 #: Outcomes published at once (each awaits its JetStream ack).
 PUBLISH_CONCURRENCY = 1000
 #: How long the outputs stream recognises an outcome published again (a takeover replays at most a
@@ -402,8 +402,9 @@ class Worker:
             return
         share = self.share()
         floor = len(self.topology.all_partitions) // len(self.members())
-        # Evening out waits a TTL after an acquisition: the others' announcements are that old.
-        settled = time.monotonic() - self._last_acquired > self.ttl
+        # Evening out waits two TTLs after an acquisition: the others' announcements are a TTL old,
+        # and a member still restoring checkpoints would not take a released partition at once.
+        settled = time.monotonic() - self._last_acquired > 2 * self.ttl
         if len(self.owned) > share or (settled and len(self.owned) > floor and self._someone_short()):
             worst = min(self.owned, key=self._affinity)
             await self._release(worst)
