@@ -478,13 +478,13 @@ class Sample:
     model: str
 
 
-def read_metrics(text: str) -> tuple[float, float, str]:
-    """(MQTT readings with an outcome, of which rejected, the served model NAME/VERSION)."""
+def read_metrics(text: str, source: str = "mqtt") -> tuple[float, float, str]:
+    """(Readings of ``source`` with an outcome, of which rejected, the served model NAME/VERSION)."""
     outcomes = rejected = 0.0
     model = "?"
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "sensorwatch_readings_total" and s.labels.get("source") == "mqtt":
+            if s.name == "sensorwatch_readings_total" and s.labels.get("source") == source:
                 outcomes += s.value
                 rejected += s.value if s.labels.get("outcome") == "rejected" else 0.0
             elif s.name == "sensorwatch_model_info" and s.value == 1:
@@ -492,7 +492,7 @@ def read_metrics(text: str) -> tuple[float, float, str]:
     return outcomes, rejected, model
 
 
-def poll_until(svc: ServiceProcess, expected: int) -> list[Sample]:
+def poll_until(svc: ServiceProcess, expected: int, source: str = "mqtt") -> list[Sample]:
     """/metrics every POLL_S until ``expected`` outcomes (bounded by stall and total timeouts)."""
     samples: list[Sample] = []
     start = last_change = time.monotonic()
@@ -503,7 +503,7 @@ def poll_until(svc: ServiceProcess, expected: int) -> list[Sample]:
         got = svc.get("/metrics")
         t_b = time.perf_counter()
         if got is not None and got[0] == 200:
-            outcomes, rejected, model = read_metrics(got[1].decode())
+            outcomes, rejected, model = read_metrics(got[1].decode(), source)
             if not samples or outcomes != samples[-1].outcomes:
                 last_change = time.monotonic()
             samples.append(Sample((t_a + t_b) / 2, outcomes, rejected, svc.cpu_s(), model))

@@ -123,6 +123,20 @@ def _add_bench_e2e(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--quick", action="store_true", help="small default counts (a smoke run)")
     e.set_defaults(func=_bench_e2e)
+    c = bsub.add_parser(
+        "cluster", help="readings/s of one cluster-mode worker vs the single-node service, same run"
+    )
+    c.add_argument("--json", help="write the results as JSON here")
+    c.add_argument("--messages", type=int, help="one-reading messages per run (default 30000)")
+    c.add_argument("--gateway-messages", type=int, help="50-reading gateway messages per run (default 10000)")
+    c.add_argument("--devices", type=int, help="devices of the one-reading workload (default 1000)")
+    c.add_argument("--gateway-devices", type=int, help="devices of the gateway workload (default 200)")
+    c.add_argument("--runs", type=int, default=3, help="runs per workload (medians are reported)")
+    c.add_argument("--nodes", type=int, default=1, choices=(1, 3), help="NATS servers (3: a cluster, R3)")
+    c.add_argument("--model", help="SENSORWATCH_MODEL of both (default: the default)")
+    c.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra SENSORWATCH_* setting of both")
+    c.add_argument("--quick", action="store_true", help="small default counts (a smoke run)")
+    c.set_defaults(func=_bench_cluster, protocol=None, latency_seconds=None, latency_fraction=0.5)
     w = bsub.add_parser("wal", help="the service's scoring path with WAL_SYNC off / none / fsync, same run")
     w.add_argument("--json", help="write the results as JSON here")
     w.add_argument("--devices", type=int, default=1000, help="devices of the one-reading workload")
@@ -130,6 +144,12 @@ def _add_bench_e2e(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--trials", type=int, default=3)
     w.add_argument("--model", help="model reference or 'builtin' (default: the default model)")
     w.set_defaults(func=_bench_wal)
+
+
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from service import bench_cluster
+
+    return bench_cluster.main(args)
 
 
 def _bench_wal(args: argparse.Namespace) -> int:

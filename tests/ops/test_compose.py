@@ -44,6 +44,7 @@ from tests.ops.stack import (
 from tests.support import clear_sensorwatch_env, wait_until
 
 SERVICES = {"mosquitto", "sensorwatch", "prometheus", "grafana", "simulator"}
+CLUSTER = {"nats-1", "nats-2", "nats-3", "worker-1", "worker-2", "worker-3"}
 HTTP_PORT = 8000
 
 
@@ -157,8 +158,30 @@ def test_the_image_and_compose_settings_are_valid(
 # --- docker-compose.yml ---------------------------------------------------------------------------
 
 
-def test_compose_has_the_five_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == SERVICES
+def test_compose_has_the_five_services_and_the_cluster_profile(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == SERVICES | CLUSTER
+    for name in CLUSTER:
+        assert services[name]["profiles"] == ["cluster"], name
+
+
+def test_cluster_profile_nodes_carry_the_mapping_the_workers_expect(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Each NATS node's config holds exactly what ``sensorwatch cluster-config`` prints, and each
+    worker is in cluster mode against all three nodes, with its own id."""
+    from service.cluster.topology import Topology
+
+    expected = Topology("sensors/+/readings", "sensorwatch", 12, "sensorwatch").server_config("0.0.0.0:1883")
+    for i in (1, 2, 3):
+        node = services[f"nats-{i}"]
+        assert re.match(r"nats:2\.9\.\d+", node["image"]), node["image"]
+        (source, target), *_ = mounts(node)
+        assert target == "/etc/nats/nats.conf"
+        assert expected in (ROOT / source).read_text()
+        env = environment(services[f"worker-{i}"])
+        assert env["SENSORWATCH_NATS_URL"] == "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222"
+        assert env["SENSORWATCH_WORKER_ID"] == f"worker-{i}"
+        assert services[f"worker-{i}"]["image"] == services["sensorwatch"]["image"]
 
 
 def test_sensorwatch_and_simulator_build_from_the_dockerfile(services: dict[str, dict[str, Any]]) -> None:
