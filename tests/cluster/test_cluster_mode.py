@@ -173,14 +173,19 @@ def _wait_outcomes(fleet: Any, cluster: NatsCluster) -> dict[str, int]:
             time.sleep(1)
 
 
-def _check_ownership(
-    events: list[dict[str, Any]], killed: dict[str, float], before: dict[int, str], victim: str
-) -> None:
-    end = time.time()
-    for p, spans in _intervals(events, killed, end).items():
+def _check_never_twice(events: list[dict[str, Any]], killed: dict[str, float]) -> None:
+    """No partition owned by two workers at once: an ownership ends at its release, fence or loss
+    (logged by the worker), or at its worker's kill."""
+    for p, spans in _intervals(events, killed, time.time()).items():
         spans.sort()
         for (_s1, e1, w1), (s2, _, w2) in itertools.pairwise(spans):
             assert s2 >= e1, f"partition {p} owned by {w1} and {w2} at once ({s2:.3f} < {e1:.3f})"
+
+
+def _check_ownership(
+    events: list[dict[str, Any]], killed: dict[str, float], before: dict[int, str], victim: str
+) -> None:
+    _check_never_twice(events, killed)
     kill_at = killed[victim]
     takeovers = []
     for p, owner in before.items():
@@ -283,7 +288,9 @@ def test_kill9_a_nats_node_under_load(
         for p in procs:
             assert _stop(p) == 0, p.log_tail()
         devices = _check_states(fleet, nats_cluster)
-        print(f"{devices} device states equal to the reference; {_regained(handoffs(procs), killed_at[0])}")
+        events = handoffs(procs)
+        _check_never_twice(events, {})
+        print(f"{devices} device states equal to the reference; {_regained(events, killed_at[0])}")
     finally:
         if fleet is not None:
             fleet.close()
