@@ -139,12 +139,33 @@ def test_the_service_exports_its_documented_metrics(exposition: str) -> None:
     assert metric(exposition, "sensorwatch_score_latency_seconds_count") >= 45
 
 
+CLUSTER_PREFIX = "sensorwatch_cluster_"
+
+
 def test_every_dashboard_series_is_exported(exposition: str) -> None:
+    """The single-node service exports every series but the cluster panels' (next test)."""
     names = set().union(*(series_in(e) for e in dashboard_exprs(load_dashboard())))
+    names = {n for n in names if not n.startswith(CLUSTER_PREFIX)}
     assert len(names) >= 12, names
     assert missing_series(names, exposition) == [], (
         f"{DASHBOARD.name} queries series the service does not export"
     )
+
+
+def test_the_cluster_panels_series_are_exported_by_a_worker() -> None:
+    """The cluster panels query what a cluster-mode worker's metrics export from its start (the
+    worker's own app is exercised end to end in tests/cluster)."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    names = set().union(*(series_in(e) for e in dashboard_exprs(load_dashboard())))
+    cluster = {n for n in names if n.startswith(CLUSTER_PREFIX)}
+    assert len(cluster) >= 3, cluster
+    worker = generate_latest(Metrics(mqtt=False, cluster=True).registry).decode()
+    assert missing_series(cluster, worker) == []
+    single = generate_latest(Metrics(mqtt=True).registry).decode()
+    assert CLUSTER_PREFIX not in single  # a single-node service exports none of them
 
 
 def test_every_alert_rule_series_is_exported(exposition: str) -> None:
