@@ -77,6 +77,8 @@ FETCH_TIMEOUT_S = 0.25
 IDLE_CHECK_S = 2.0
 #: The longest a checkpoint may take to read or write before the attempt is given up (and retried).
 OBJECT_STORE_TIMEOUT_S = 5.0
+#: How long a dropped partition's state is kept for taking it back without a checkpoint read.
+PARKED_S = 60.0
 #: Outcomes published at once (each awaits its JetStream ack).
 PUBLISH_CONCURRENCY = 1000
 #: How long the outputs stream recognises an outcome published again (a takeover replays at most a
@@ -106,6 +108,9 @@ class Owned:
     checkpointed: int = -1
     checkpoint_at: float = field(default_factory=time.monotonic)
     lag: int = 0
+    #: No run is between its scoring and the ack of its last outcome: the state is one a replay from
+    #: ``state.applied + 1`` continues exactly (a parked state, see Worker._drop).
+    clean: bool = True
 
 
 class Worker:
@@ -134,6 +139,8 @@ class Worker:
         self._stopping = False
         self._started_at = 0.0
         self._last_acquired = 0.0
+        #: partition -> (a state dropped between runs, when): see _drop; kept PARKED_S at most.
+        self._parked: dict[int, tuple[PartitionState, float]] = {}
         #: lease key -> (the leader's revision, when this worker first read it): see _claim.
         self._unchanged: dict[str, tuple[int, float]] = {}
         self.connected = False
@@ -333,7 +340,8 @@ class Worker:
             seen = self.view.get(Topology.lease_key(p))
             if seen is None or seen[1] != "PUT" or now - seen[2] >= self.ttl:
                 out.append(p)
-        return sorted(out, key=self._affinity, reverse=True)
+        # Parked states first (no checkpoint to read), then by affinity.
+        return sorted(out, key=lambda p: (p in self._parked, self._affinity(p)), reverse=True)
 
     def _affinity(self, p: int) -> int:
         return int.from_bytes(hashlib.blake2b(f"{self.id}/{p}".encode(), digest_size=8).digest(), "big")
@@ -402,6 +410,9 @@ class Worker:
     async def _balance(self) -> None:
         if self._stopping:
             return
+        now = time.monotonic()
+        for p in [p for p, (_, at) in self._parked.items() if now - at > PARKED_S]:
+            del self._parked[p]  # another worker holds it by now: its state has moved on
         # Let the members announce themselves first: otherwise the first worker up takes everything.
         if time.monotonic() - self._started_at < self.ttl / 3 + BALANCE_INTERVAL_S:
             return
@@ -429,11 +440,13 @@ class Worker:
         except Exception as exc:
             log.info("partition %d not acquired: %r", p, exc)
             return
-        state = self._new_state(p)
+        parked = self._parked.pop(p, None)
+        state = parked[0] if parked is not None else self._new_state(p)
         owned = Owned(state, revision, started + self.ttl - FENCE_MARGIN_S)
         self.owned[p] = owned  # renewed from now on, while the checkpoint is read
         try:
-            await asyncio.wait_for(self._restore(p, state), OBJECT_STORE_TIMEOUT_S)
+            if parked is None:
+                await asyncio.wait_for(self._restore(p, state), OBJECT_STORE_TIMEOUT_S)
         except Exception as exc:  # the object store unreachable: give the lease back, try again later
             log.warning("partition %d: checkpoint not read (%s); lease given back", p, exc)
             if self.owned.get(p) is owned:
@@ -442,7 +455,7 @@ class Worker:
             return
         if self.owned.get(p) is not owned:
             return  # fenced or lost while restoring
-        owned.checkpointed = state.applied
+        owned.checkpointed = state.applied if parked is None else -1
         owned.task = asyncio.create_task(self._consume(p, owned))
         self._last_acquired = time.monotonic()
         self._handoff("acquired", p, seq=state.applied, devices=len(state.scorer.store))
@@ -521,13 +534,19 @@ class Worker:
         await self._announce_now()
 
     async def _drop(self, p: int, why: str) -> None:
-        """Stop at once, without a checkpoint (the lease lapsed or is another's)."""
+        """Stop at once, without a checkpoint (the lease lapsed or is another's). A state dropped
+        between runs is *parked*: it is as good as a checkpoint of ``state.applied`` (a replay from
+        there is exact, whatever another owner did meanwhile), so re-acquiring the partition later
+        continues from it without reading the object store — which stalled for seconds after a
+        node's death, when every worker had fenced its partitions at once."""
         owned = self.owned.pop(p, None)
         if owned is None:
             return
         owned.stop.set()
         if owned.task is not None and owned.task is not asyncio.current_task():
-            owned.task.cancel()
+            owned.task.cancel()  # it is suspended at an await: it never starts another run
+        if owned.clean and why in ("fenced", "lost"):
+            self._parked[p] = (owned.state, time.monotonic())
         self._handoff(why, p, seq=owned.state.applied)
         cause = "its lease is another worker's" if why == "lost" else "its lease could not be renewed in time"
         log.warning("partition %d %s: %s", p, why, cause)
@@ -633,10 +652,12 @@ class Worker:
     async def _apply(self, p: int, owned: Owned, run: list[StreamMessage]) -> None:
         outputs: list[tuple[str, bytes, str]] = []
         loop = asyncio.get_running_loop()
+        owned.clean = False
         await loop.run_in_executor(
             self._scoring, owned.state.apply, run, lambda t, b, k: outputs.append((t, b, k))
         )
         await self._publish(p, owned, outputs)
+        owned.clean = True
 
     async def _publish(self, p: int, owned: Owned, outputs: list[tuple[str, bytes, str]]) -> None:
         """Publish with JetStream acks, again until all are acked (the outputs stream dedupes by
