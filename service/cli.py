@@ -95,17 +95,22 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     return bench_e2e.main(args)
 
 
+def _add_drain_workloads(p: argparse.ArgumentParser) -> None:
+    """The workloads of the benches that drain queued messages (``bench e2e``, ``bench cluster``)."""
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--messages", type=int, help="one-reading messages per run (default 30000)")
+    p.add_argument("--gateway-messages", type=int, help="50-reading gateway messages per run (default 10000)")
+    p.add_argument("--devices", type=int, help="devices of the one-reading workload (default 1000)")
+    p.add_argument("--gateway-devices", type=int, help="devices of the gateway workload (default 200)")
+    p.add_argument("--runs", type=int, default=3, help="runs per workload (medians are reported)")
+
+
 def _add_bench_e2e(sub: argparse._SubParsersAction) -> None:
     bsub = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
     e = bsub.add_parser(
         "e2e", help="readings/s broker → outcome: the service vs a bare MQTT consumer, and live latency"
     )
-    e.add_argument("--json", help="write the results as JSON here")
-    e.add_argument("--messages", type=int, help="one-reading messages per run (default 30000)")
-    e.add_argument("--gateway-messages", type=int, help="50-reading gateway messages per run (default 10000)")
-    e.add_argument("--devices", type=int, help="devices of the one-reading workload (default 1000)")
-    e.add_argument("--gateway-devices", type=int, help="devices of the gateway workload (default 200)")
-    e.add_argument("--runs", type=int, default=3, help="runs per workload (medians are reported)")
+    _add_drain_workloads(e)
     e.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT version (default: the service's)")
     e.add_argument("--model", help="SENSORWATCH_MODEL of the service (default: its default)")
     e.add_argument(
@@ -126,12 +131,7 @@ def _add_bench_e2e(sub: argparse._SubParsersAction) -> None:
     c = bsub.add_parser(
         "cluster", help="readings/s of one cluster-mode worker vs the single-node service, same run"
     )
-    c.add_argument("--json", help="write the results as JSON here")
-    c.add_argument("--messages", type=int, help="one-reading messages per run (default 30000)")
-    c.add_argument("--gateway-messages", type=int, help="50-reading gateway messages per run (default 10000)")
-    c.add_argument("--devices", type=int, help="devices of the one-reading workload (default 1000)")
-    c.add_argument("--gateway-devices", type=int, help="devices of the gateway workload (default 200)")
-    c.add_argument("--runs", type=int, default=3, help="runs per workload (medians are reported)")
+    _add_drain_workloads(c)
     c.add_argument("--nodes", type=int, default=1, choices=(1, 3), help="NATS servers (3: a cluster, R3)")
     c.add_argument("--model", help="SENSORWATCH_MODEL of both (default: the default)")
     c.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra SENSORWATCH_* setting of both")
