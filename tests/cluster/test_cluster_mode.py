@@ -297,3 +297,54 @@ def test_kill9_a_nats_node_under_load(
         for p in procs:
             if p.running:
                 p.kill9()
+
+
+def test_rest_on_a_worker_routes_readings_through_the_stream(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """``POST /v1/score`` on a worker publishes each device's readings into the readings stream
+    (202 with the stream sequences) and the owner scores them like MQTT readings; a dry run is
+    refused (409), and a body that is not JSON gets the MQTT intake's reason (400)."""
+    import httpx
+
+    proc = worker(nats_cluster, tmp_path / "workers", "w1")
+    try:
+        _start([proc])
+        wait_until(lambda: _converged([proc]), 30, "all partitions owned")
+        body = {
+            "batch": [
+                {
+                    "device_id": "rest-a",
+                    "readings": [{"ts": BASE_TS + 60 * i, "values": [1.0 + i]} for i in range(3)],
+                },
+                {"device_id": "rest-b", "readings": [{"ts": BASE_TS, "values": [5.0]}]},
+            ]
+        }
+        r = httpx.post(f"{proc.url}/v1/score", json=body, timeout=10)
+        assert r.status_code == 202, r.text
+        routed = {x["device_id"]: x for x in r.json()["routed"]}
+        assert routed["rest-a"]["readings"] == 3
+        assert routed["rest-b"]["readings"] == 1
+        assert all(x["stream_seq"] > 0 for x in routed.values())
+
+        def scored() -> list[tuple[str, float]]:
+            docs = [d for s, d in read_outputs(nats_cluster) if ".scores." in s]
+            got = sorted((d["device_id"], d["ts"]) for d in docs)
+            return got if len(got) >= 4 else []
+
+        got = wait_until(scored, 30, "the routed readings' scores")
+        assert got == [
+            ("rest-a", BASE_TS),
+            ("rest-a", BASE_TS + 60),
+            ("rest-a", BASE_TS + 120),
+            ("rest-b", BASE_TS),
+        ]
+        dry = httpx.post(f"{proc.url}/v1/score?dry_run=true", json=body, timeout=10)
+        assert dry.status_code == 409
+        assert dry.json()["reason"] == "dry_run_unsupported"
+        bad = httpx.post(f"{proc.url}/v1/score", content=b"[" * 5000, timeout=10)
+        assert bad.status_code == 400
+        assert bad.json()["reason"] == "too_deep"
+    finally:
+        if proc.running:
+            proc.kill9()
