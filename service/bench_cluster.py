@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +199,6 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sensorwatch bench cluster: {exc}", file=sys.stderr)
         return 2
-    opts = replace(opts, json_out=args.json)
     try:
         report = run(opts, args.nodes)
     except e2e.BenchError as exc:

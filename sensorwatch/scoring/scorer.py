@@ -221,9 +221,12 @@ class StreamScorer:
     def restore(self, path: str) -> dict[str, Any]:
         return self._restored(self.store.restore(path))
 
-    def restore_bytes(self, data: bytes, name: str) -> dict[str, Any]:
-        """:meth:`restore` from a snapshot held in memory (``StateCopy.to_bytes``: a cluster checkpoint)."""
-        return self._restored(self.store.restore_bytes(data, name))
+    def load_snapshot(
+        self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str
+    ) -> dict[str, Any]:
+        """:meth:`restore` from a snapshot already read (``DeviceStateStore.read_snapshot_bytes`` of a
+        cluster checkpoint); ``name`` is what an error calls it."""
+        return self._restored(self.store.load(tensors, metadata, name))
 
     def _restored(self, extra: dict[str, Any]) -> dict[str, Any]:
         last = extra.get("last_expiry")

@@ -329,11 +329,6 @@ class DeviceStateStore:
         tensors, metadata = self.read_snapshot(path)
         return self.load(tensors, metadata, str(path))
 
-    def restore_bytes(self, data: bytes, name: str) -> dict[str, Any]:
-        """:meth:`restore` from a snapshot held in memory."""
-        tensors, metadata = self.read_snapshot_bytes(data, name)
-        return self.load(tensors, metadata, name)
-
     def load(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> dict[str, Any]:
         """Replace all state with a read snapshot (``path``: what an error calls it)."""
         theirs = json.loads(metadata["identity"])

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.routing import Route
 
+from service.app import _AsgiEndpoint, _refusal, _score_readings  # the single-node parser and schema
 from service.cluster.topology import READINGS_STREAM, Topology
 from service.cluster.worker import Worker
 from service.metrics import Metrics
@@ -54,7 +55,9 @@ def create_cluster_app(settings: Settings, http_url: str = "") -> FastAPI:
             await worker.stop()
 
     app = FastAPI(title="sensorwatch (cluster worker)", version="0.1.0", lifespan=lifespan, docs_url=None)
-    app.router.routes.append(Route("/metrics", endpoint=_Asgi(make_asgi_app(registry=metrics.registry))))
+    app.router.routes.append(
+        Route("/metrics", endpoint=_AsgiEndpoint(make_asgi_app(registry=metrics.registry)))
+    )
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -83,8 +86,6 @@ def create_cluster_app(settings: Settings, http_url: str = "") -> FastAPI:
     @app.post("/v1/score", tags=["scoring"], status_code=202)
     async def score(request: Request) -> JSONResponse:
         """Route readings into the readings stream (see module docstring); 202 once stored."""
-        from service.app import _score_readings  # the single-node parser and schema, unchanged
-
         raw = await request.body()
         if len(raw) > settings.max_request_bytes:
             return _refusal(413, "payload_too_large", f"{len(raw)} bytes > {settings.max_request_bytes}")
@@ -114,15 +115,3 @@ def create_cluster_app(settings: Settings, http_url: str = "") -> FastAPI:
         return JSONResponse({"routed": stored, "readings": len(readings)}, status_code=202)
 
     return app
-
-
-def _refusal(code: int, reason: str, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail, "reason": reason}, status_code=code)
-
-
-class _Asgi:
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)

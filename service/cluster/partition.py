@@ -111,9 +111,10 @@ class PartitionState:
 
     def _work(self, msg: ParsedMessage) -> Work:
         if msg.reason is not None or msg.device is None:
-            self.metrics.rejections.labels(msg.reason or "internal_error").inc()
+            reason = msg.reason or "bad_topic"  # the parser names every refusal; no device: the topic
+            self.metrics.rejections.labels(reason).inc()
             self.metrics.readings.labels("nats", "rejected").inc()
-            meta = MessageMeta("nats", msg.topic, msg.digest, 0, msg.reason or "bad_topic", msg.detail)
+            meta = MessageMeta("nats", msg.topic, msg.digest, 0, reason, msg.detail)
             return Work([], [], [], "nats", _nothing, meta)
         n = len(msg.ts)
         meta = MessageMeta("nats", msg.topic, msg.digest, n)
@@ -141,14 +142,14 @@ class PartitionState:
         """Continue from a checkpoint of this partition (:class:`CheckpointMismatch` if it is
         another layout's; ``StateIncompatibleError`` if another model's)."""
         name = f"checkpoint of partition {self.index}"
-        _, metadata = self.scorer.store.read_snapshot_bytes(data, name)
+        tensors, metadata = self.scorer.store.read_snapshot_bytes(data, name)
         extra = json.loads(metadata.get("extra", "{}"))
         if extra.get("partitions") != self.topology.partitions or extra.get("partition") != self.index:
             raise CheckpointMismatch(
                 f"{name} was written for partition {extra.get('partition')} of "
                 f"{extra.get('partitions')}, not {self.index} of {self.topology.partitions}"
             )
-        self.scorer.restore_bytes(data, name)
+        self.scorer.load_snapshot(tensors, metadata, name)
         self.applied = int(extra["seq"])
         for digest in extra.get("recent", []):
             self.recent.add(bytes.fromhex(digest))

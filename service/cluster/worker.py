@@ -102,7 +102,6 @@ class Owned:
     state: PartitionState
     revision: int
     valid_until: float  # time.monotonic(): the lease certainly holds until then
-    acquired_at: float = field(default_factory=time.time)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     checkpointed: int = -1
