@@ -71,7 +71,7 @@ class StreamScorer:
     ) -> None:
         self.config = config or ScorerConfig()
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = _ready(model, self.device)
         self.model_version = model_version
         self.counters: Counter[str] = Counter()
         self._last_expiry = -math.inf
@@ -199,7 +199,7 @@ class StreamScorer:
     def swap_model(self, model: Forecaster, model_version: str) -> bool:
         """Serve ``model`` from the next step on. Device state is kept when the architecture matches
         (returns True); otherwise every device starts afresh with warm-up (returns False)."""
-        model = model.to(self.device).eval()
+        model = _ready(model, self.device)
         if model.config.identity() == self.model.config.identity():
             self.model, self.model_version = model, model_version
             return True
@@ -441,20 +441,26 @@ class StreamScorer:
         kernel.sequence_features(*common, feats, centre, scale, rec, rec_flags, undo, undo_n)
         mean_n = np.empty((devices, feats.shape[1], c), dtype=np.float32)
         scale_n = np.empty_like(mean_n)
-        gap0 = rec_flags[starts, 0]
+        gap0 = rec_flags[starts, 0] & (lengths > 0)
+        for h in hidden.values():
+            h[gap0] = 0.0  # a gap reset before the first reading: start afresh (working copies)
+        # Time segments between consecutive distinct lengths: segment [prev, length) runs every device
+        # whose sequence reaches ``length``, in one call, continuing from the state the previous
+        # segment left. Bit-identical to one call per device (torch's recurrence is computed row by
+        # row and step by step), and the number of sequential steps is the longest sequence, not
+        # the sum over distinct lengths (devices of a gateway batch rarely share one length).
+        prev = 0
         for length in np.unique(lengths).tolist():
-            devs = np.flatnonzero(lengths == length)
-            state = {}
-            for k, h in hidden.items():
-                h0 = h[devs]
-                h0[gap0[devs]] = 0.0  # a gap reset before the first reading: start afresh
-                state[k] = torch.from_numpy(h0).to(self.device)
-            x = torch.from_numpy(np.ascontiguousarray(feats[devs, :length])).to(self.device)
+            devs = np.flatnonzero(lengths >= length)
+            whole = devs.size == devices
+            state = {k: torch.from_numpy(h if whole else h[devs]).to(self.device) for k, h in hidden.items()}
+            x = torch.from_numpy(np.ascontiguousarray(feats[devs, prev:length])).to(self.device)
             mean, sc, new = self.model(x, None, state)
-            mean_n[devs, :length] = mean.cpu().numpy()
-            scale_n[devs, :length] = sc.cpu().numpy()
+            mean_n[devs, prev:length] = mean.cpu().numpy()
+            scale_n[devs, prev:length] = sc.cpu().numpy()
             for k, h in hidden.items():
                 h[devs] = new[k].cpu().numpy()
+            prev = length
         kernel.sequence_score(
             *common,
             self._zs,
@@ -531,6 +537,24 @@ class StreamScorer:
             st, loc, self._offsets, mean_n.cpu().numpy(), scale_n.cpu().numpy(), centre, scale
         )
         return gaps
+
+
+def _ready(model: Forecaster, device: torch.device) -> Forecaster:
+    """``model`` on ``device`` in eval mode, changed only where it is not: ``Module.to`` rebuilds an
+    RNN's flat weight lists even when nothing moves, and another thread's forward of the same model
+    iterates them. Seen in a cluster worker: its event loop built a partition's scorer around the
+    shared model while the scoring thread stepped another partition's, and that step failed
+    ("zip() argument 2 is longer than argument 1" in ``_weights_have_changed``). A dry run's
+    :meth:`StreamScorer.fork` builds one the same way beside the service's scoring thread."""
+
+    def elsewhere(at: torch.device) -> bool:  # "cuda" means the current cuda device, as in Module.to
+        return at.type != device.type or (device.index is not None and at.index != device.index)
+
+    if any(elsewhere(p.device) for p in model.parameters()):
+        model = model.to(device)
+    if model.training:
+        model.eval()
+    return model
 
 
 def _scatter_mask(order: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

@@ -65,7 +65,8 @@ def create_cluster_app(settings: Settings, http_url: str = "") -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     def readyz(request: Request) -> JSONResponse:
-        """Connected to NATS and taking part in the group (503 otherwise)."""
+        """Connected to NATS and taking part in the group (503 otherwise, with ``failure`` once the
+        worker cannot score and is about to exit)."""
         worker: Worker = request.app.state.worker
         ready = worker.ready and worker.connected
         body = {
@@ -73,6 +74,7 @@ def create_cluster_app(settings: Settings, http_url: str = "") -> FastAPI:
             "connected": worker.connected,
             "worker": worker.id,
             "owned": sorted(worker.owned),
+            "failure": worker.failure,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

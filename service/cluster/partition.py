@@ -22,12 +22,12 @@ from sensorwatch.scoring.config import ScorerConfig
 from sensorwatch.scoring.scorer import StreamScorer
 from sensorwatch.state.records import MessageMeta
 from service.cluster.topology import Topology
-from service.intake import ParsedMessage, Parser, decode_chunk, encode_chunk
+from service.intake import ParsedMessage
 from service.metrics import Metrics
-from service.mqtt import InboundMessage
 from service.outcomes import Outcomes, Publish
 from service.pipeline import Work, count_batch
 from service.runtime import RecentDigests
+from service.settings import Settings
 
 log = logging.getLogger("sensorwatch.cluster")
 
@@ -58,7 +58,7 @@ class PartitionState:
         self,
         index: int,
         topology: Topology,
-        parser: Parser,
+        settings: Settings,
         model: Forecaster,
         config: ScorerConfig,
         model_version: str,
@@ -66,7 +66,7 @@ class PartitionState:
     ) -> None:
         self.index = index
         self.topology = topology
-        self._parser = parser
+        self._settings = settings
         self._clock = 0.0
         self.scorer = StreamScorer(model, config, model_version=model_version, clock=lambda: self._clock)
         self.metrics = metrics
@@ -75,39 +75,39 @@ class PartitionState:
         self.duplicates = 0
 
     # ------------------------------------------------------------------ scoring
-    def apply(self, messages: list[StreamMessage], publish: Publish) -> None:
-        """Score a run of the partition's messages (in stream order, all after :attr:`applied`) as
-        one step and hand every outcome to ``publish``; a message seen before gets none."""
+    def apply(self, messages: list[StreamMessage], parsed: list[ParsedMessage], publish: Publish) -> None:
+        """Score a run of the partition's messages (in stream order, all after :attr:`applied`;
+        ``parsed``: each as the MQTT intake parses it, see :meth:`topics`) as one step and hand every
+        outcome to ``publish``; a message seen before gets none."""
         works: list[Work] = []
         kept: list[ParsedMessage] = []
-        for parsed in self._parse(messages):
-            if parsed.digest in self.recent:
+        for msg in parsed:
+            if msg.digest in self.recent:
                 self.duplicates += 1
                 continue
-            self.recent.add(parsed.digest)
-            works.append(self._work(parsed))
-            kept.append(parsed)
+            self.recent.add(msg.digest)
+            works.append(self._work(msg))
+            kept.append(msg)
         self._clock = messages[-1].stamp
         parts = [(w.device_ids, w.ts, w.values) for w in works if w.device_ids]
         batch = ReadingBatch.from_parts(parts, self.scorer.channel_names)
         result = self._step(batch)
         count_batch(self.metrics, works, result)
-        out = Outcomes(self._parser.settings, publish)
+        out = Outcomes(self._settings, publish)
         start = 0
-        for work, parsed in zip(works, kept, strict=True):
+        for work, msg in zip(works, kept, strict=True):
             meta = work.meta
             if meta.reason is not None:
-                out.dead_letter(meta, parsed.payload, parsed.device, replayed=False)
+                out.dead_letter(meta, msg.payload, msg.device, replayed=False)
             else:
-                out.publish(meta, parsed.payload, result, start, start + meta.readings, replayed=False)
+                out.publish(meta, msg.payload, result, start, start + meta.readings, replayed=False)
             start += meta.readings
         self.applied = messages[-1].seq
 
-    def _parse(self, messages: list[StreamMessage]) -> list[ParsedMessage]:
-        """Parsed as the MQTT intake parses (the same limits, reasons and clean arrays)."""
+    def topics(self, messages: list[StreamMessage]) -> list[str]:
+        """The MQTT topics of the messages' subjects, which the parser reads the device id from."""
         topic = self.topology.mqtt_topic
-        parsed = [self._parser(InboundMessage(topic(m.subject), m.payload, 1, 0, False)) for m in messages]
-        return decode_chunk(encode_chunk(parsed))
+        return [topic(m.subject) for m in messages]
 
     def _work(self, msg: ParsedMessage) -> Work:
         if msg.reason is not None or msg.device is None:

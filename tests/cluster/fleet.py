@@ -26,7 +26,6 @@ from sensorwatch.scoring.batch import Reading
 from sensorwatch.scoring.scorer import StreamScorer
 from service.cluster.partition import PartitionState
 from service.cluster.topology import OUTPUTS_STREAM, Topology
-from service.intake import Parser
 from service.metrics import Metrics
 from service.settings import Settings, scorer_config
 from tests.cluster.nats import NatsCluster, NatsNode
@@ -221,7 +220,7 @@ def restored_states(checkpoints: dict[int, bytes], partitions: int) -> dict[str,
     out: dict[str, dict[str, np.ndarray]] = {}
     for p, data in checkpoints.items():
         state = PartitionState(
-            p, topo, Parser(settings), model, scorer_config(settings), version, Metrics(cluster=True)
+            p, topo, settings, model, scorer_config(settings), version, Metrics(cluster=True)
         )
         state.restore(data)
         for device in state.scorer.store.device_ids():

@@ -355,3 +355,44 @@ def test_rest_on_a_worker_routes_readings_through_the_stream(
     finally:
         if proc.running:
             proc.kill9()
+
+
+def test_a_worker_whose_parse_process_dies_exits_and_its_partitions_are_taken_over(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """Fault injection for the parse process (service/cluster/parsing.py): kill -9 of a worker's
+    parse child. The worker says so at once (``/readyz`` 503 with the cause), stops renewing, and
+    exits with status 70 for its supervisor after WATCHDOG_EXIT_AFTER_S; the other worker takes
+    every partition over once the leases lapse."""
+    import httpx
+
+    from service.bench_e2e import child_pids
+    from service.runtime import EXIT_FAILED
+
+    a = worker(nats_cluster, tmp_path / "workers", "pa")
+    b = worker(nats_cluster, tmp_path / "workers", "pb")
+    try:
+        _start([a, b])
+        wait_until(lambda: _converged([a, b]), 30, "all partitions owned by the two")
+        assert a.pid is not None
+        children = child_pids(a.pid)
+        assert len(children) == 1, children  # the parse process
+        os.kill(children[0], signal.SIGKILL)
+
+        def failure() -> str:
+            try:
+                r = a.get("/readyz", timeout=2)
+            except httpx.HTTPError:
+                return ""
+            return str(r.json().get("failure") or "") if r.status_code == 503 else ""
+
+        why = wait_until(failure, 5, "/readyz naming the failure")
+        assert "parse process exited" in why
+        assert a.wait_exit(15) == EXIT_FAILED
+        owners = wait_until(lambda: _converged([b]), 30, "every partition owned by the survivor")
+        assert owners is not None
+        assert set(owners.values()) == {"pb"}
+    finally:
+        for p in (a, b):
+            if p.running:
+                p.kill9()

@@ -115,3 +115,42 @@ def test_artifact_round_trip_and_tamper_detection(tmp_path: Path) -> None:
     for bad in ("../etc", "demo/../../x", "a/b/c"):
         with pytest.raises(ArtifactError):
             load_model(bad, tmp_path)
+
+
+def test_building_scorers_around_a_model_another_thread_steps_is_safe() -> None:
+    """A scorer built around a model already on its device (a cluster worker's new partition, a
+    dry run's fork) leaves the model as it is: ``Module.to`` rebuilt an RNN's flat weight lists even
+    for a no-op move, and a step of the same model in another thread failed while iterating them
+    (seen in a worker; this loop hit it within 3 s before the fix)."""
+    import threading
+    import time
+
+    model = build_model("lstm", hidden=32, layers=1, channels=1)
+    cfg = build_small_config("likelihood")
+    scorer = StreamScorer(model, cfg)
+    refs = model.rnn._flat_weight_refs
+    StreamScorer(model, cfg).fork(["a"])
+    assert model.rnn._flat_weight_refs is refs  # untouched
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def step() -> None:
+        i = 0
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            ts = [1e9 + 10 * i + k for k in range(5)] + [1e9 + 10 * i + k for k in range(3)]
+            try:  # two devices with several readings each: the sequence path, the module's forward
+                scorer.step(ReadingBatch(["a"] * 5 + ["b"] * 3, ts, rng.random((8, 1))))
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            i += 1
+
+    stepper = threading.Thread(target=step)
+    stepper.start()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and not errors:
+        StreamScorer(model, cfg)
+    stop.set()
+    stepper.join()
+    assert errors == []
