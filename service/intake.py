@@ -171,6 +171,21 @@ def decode_chunk(chunk: tuple[list[tuple[Any, ...]], np.ndarray, np.ndarray]) ->
     return out
 
 
+def start_child(module: str) -> tuple[subprocess.Popen[bytes], Connection, Connection]:
+    """``python -m <module> CMD_FD OUT_FD`` with two pipes: (the child, our command end, our output
+    end). Only the child holds the other ends, so its death is our end-of-file and ours is its."""
+    cmd_r, cmd_w = os.pipe()
+    out_r, out_w = os.pipe()
+    proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+        [sys.executable, "-m", module, str(cmd_r), str(out_w)],
+        pass_fds=(cmd_r, out_w),
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(cmd_r)
+    os.close(out_w)
+    return proc, Connection(cmd_w, readable=False), Connection(out_r, writable=False)
+
+
 # ---------------------------------------------------------------------------------------------- parent
 class IntakeProcess:
     """The parent's handle on the intake child: the adapter surface the service uses (``start``,
@@ -202,17 +217,7 @@ class IntakeProcess:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        cmd_r, cmd_w = os.pipe()
-        evt_r, evt_w = os.pipe()
-        self._proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
-            [sys.executable, "-m", "service.intake", str(cmd_r), str(evt_w)],
-            pass_fds=(cmd_r, evt_w),
-            stdin=subprocess.DEVNULL,
-        )
-        os.close(cmd_r)  # only the child holds these ends: its death is our EOF, ours is its EOF
-        os.close(evt_w)
-        self._cmd = Connection(cmd_w, readable=False)
-        self._events = Connection(evt_r, writable=False)
+        self._proc, self._cmd, self._events = start_child("service.intake")
         self._cmd.send((self.settings, logging.getLogger().getEffectiveLevel()))
         self._rx.start()
         self._tx.start()

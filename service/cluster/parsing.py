@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from service.intake import ParsedMessage, Parser, decode_chunk, encode_chunk
+from service.intake import ParsedMessage, Parser, decode_chunk, encode_chunk, start_child
 from service.mqtt import InboundMessage
 from service.settings import Settings
 
@@ -66,17 +65,7 @@ class ParseProcess:
         self._stopping = False
 
     def start(self) -> None:
-        job_r, job_w = os.pipe()
-        out_r, out_w = os.pipe()
-        self._proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
-            [sys.executable, "-m", "service.cluster.parsing", str(job_r), str(out_w)],
-            pass_fds=(job_r, out_w),
-            stdin=subprocess.DEVNULL,
-        )
-        os.close(job_r)  # only the child holds these ends: its death is our EOF, ours is its EOF
-        os.close(out_w)
-        self._jobs_w = Connection(job_w, readable=False)
-        self._out = Connection(out_r, writable=False)
+        self._proc, self._jobs_w, self._out = start_child("service.cluster.parsing")
         self._jobs_w.send(self.settings)
         threading.Thread(target=self._receive, name="sensorwatch-parse-rx", daemon=True).start()
 
