@@ -172,7 +172,7 @@ def test_a_failing_batch_leaves_every_device_untouched(
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_sequences_of_distinct_lengths_equal_each_device_alone_bit_for_bit(
+def test_sequences_of_distinct_lengths_equal_each_device_alone(
     cell, make_model, small_config
 ) -> None:
     """A gateway batch whose devices bring different numbers of readings runs as time segments
