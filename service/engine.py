@@ -89,7 +89,7 @@ class Engine:
         ref = None if settings.model == DEFAULT_MODEL else settings.model
         model, version = load_default_or_builtin(ref, settings.models_dir, channels=1)
         log.info("serving model %s", version)
-        self.model_name, self.model_ref = _split_ref(version)
+        self.model_name, self.model_ref = split_ref(version)
         self.sha256 = _sha_of(version, settings.models_dir)
         self.configured = version
         cfg = scorer_config(settings)
@@ -414,7 +414,7 @@ class Engine:
             if log_it:
                 self.applied_seq = self._log(rec.ReloadRecord(ref, sha))
             self.scorer.swap_model(model, ref)
-            self.model_name, self.model_ref = _split_ref(ref)
+            self.model_name, self.model_ref = split_ref(ref)
             self.sha256 = sha
         self.metrics.set_model(self.model_name, self.model_ref)
 
@@ -446,7 +446,7 @@ def check_state(settings: Settings) -> None:
         raise RecoveryError(str(exc)) from None
 
 
-def _split_ref(ref: str) -> tuple[str, str]:
+def split_ref(ref: str) -> tuple[str, str]:
     name, _, version = ref.partition("/")
     return name, version or "0"
 

@@ -471,11 +471,17 @@ class _Child:
             self._send(now)
 
 
-def main(argv: list[str]) -> int:
+def child_ends(argv: list[str]) -> tuple[Connection, Connection]:
+    """In a child of :func:`start_child`: its (command, output) pipe ends from ``argv``. SIGINT and
+    SIGTERM are ignored: a Ctrl-C reaches the whole process group, and the parent decides (the
+    child ends at the end-of-file of its command pipe)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    commands = Connection(int(argv[0]), writable=False)
-    events = Connection(int(argv[1]), readable=False)
+    return Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
+
+
+def main(argv: list[str]) -> int:
+    commands, events = child_ends(argv)
     try:
         settings, level = commands.recv()
     except (EOFError, OSError):

@@ -446,9 +446,11 @@ class StreamScorer:
             h[gap0] = 0.0  # a gap reset before the first reading: start afresh (working copies)
         # Time segments between consecutive distinct lengths: segment [prev, length) runs every device
         # whose sequence reaches ``length``, in one call, continuing from the state the previous
-        # segment left. Bit-identical to one call per device (torch's recurrence is computed row by
-        # row and step by step), and the number of sequential steps is the longest sequence, not
-        # the sum over distinct lengths (devices of a gateway batch rarely share one length).
+        # segment left. Each row's results equal one call per device up to float32 rounding (torch's
+        # kernels may round differently by batch size, as grouping by equal length already could;
+        # bit-identical on the CPUs measured for the shipped one layer of 32), and the sequential
+        # steps are the longest sequence's, not the sum over distinct lengths (devices of a gateway
+        # batch rarely share one length).
         prev = 0
         for length in np.unique(lengths).tolist():
             devs = np.flatnonzero(lengths >= length)

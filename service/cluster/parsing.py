@@ -27,21 +27,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
-import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
 from typing import Any
 
-from service.intake import ParsedMessage, Parser, decode_chunk, encode_chunk, start_child
+from service.intake import ParsedMessage, Parser, child_ends, decode_chunk, encode_chunk, start_child
 from service.mqtt import InboundMessage
 from service.settings import Settings
-
-log = logging.getLogger("sensorwatch.cluster")
 
 
 class ParseProcessDied(RuntimeError):
@@ -136,11 +131,7 @@ def _reject(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 
 def main(argv: list[str]) -> int:
-    # A Ctrl-C reaches the whole process group; the parent decides (it closes our job pipe).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    jobs = Connection(int(argv[0]), writable=False)
-    out = Connection(int(argv[1]), readable=False)
+    jobs, out = child_ends(argv)
     try:
         settings = jobs.recv()
         parser = Parser(settings)

@@ -66,6 +66,7 @@ from sensorwatch.state.store import StateIncompatibleError
 from service.cluster.parsing import ParseProcess, ParseProcessDied
 from service.cluster.partition import CheckpointMismatch, PartitionState, StreamMessage
 from service.cluster.topology import OUTPUTS_STREAM, READINGS_STREAM, Topology
+from service.engine import split_ref
 from service.metrics import Metrics
 from service.runtime import EXIT_FAILED, WATCHDOG_EXIT_AFTER_S, exit_process, freeze_heap
 from service.settings import Settings, scorer_config
@@ -138,8 +139,7 @@ class Worker:
         self.model, self.model_version = load_default_or_builtin(ref, settings.models_dir, channels=1)
         self.config = scorer_config(settings)
         kernel.warm([(self.model, self.config)])
-        name, _, version = self.model_version.partition("/")
-        metrics.set_model(name, version or "0")  # as the single-node engine names it
+        metrics.set_model(*split_ref(self.model_version))
         self.parsing = ParseProcess(settings, on_death=self._parse_died)
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Why this worker cannot score any more (the parse process died), or None.

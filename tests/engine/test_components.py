@@ -172,9 +172,7 @@ def test_a_failing_batch_leaves_every_device_untouched(
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_sequences_of_distinct_lengths_equal_each_device_alone(
-    cell, make_model, small_config
-) -> None:
+def test_sequences_of_distinct_lengths_equal_each_device_alone(cell, make_model, small_config) -> None:
     """A gateway batch whose devices bring different numbers of readings runs as time segments
     shared by the devices still going (one forecaster call per distinct length), and equals scoring
     each device's readings in a batch of its own (within the contract's float32 tolerance: torch's
