@@ -75,6 +75,7 @@ PARAMS = np.dtype(
         ("range_margin", np.float64),
         ("range_warmup", np.float64),
         ("range_arm_s", np.float64),
+        ("range_span", np.float64),
         ("spike_check", np.bool_),
         ("spike_z", np.float64),
         ("point_likelihood", np.bool_),
@@ -132,6 +133,7 @@ def params(setup: Setup, features: int) -> np.ndarray:
         "range_margin": cfg.range_margin or 0.0,
         "range_warmup": cfg.range_warmup,
         "range_arm_s": cfg.range_arm_s,
+        "range_span": cfg.range_span or 0.0,
         "spike_check": cfg.spike_z is not None,
         "spike_z": cfg.spike_z or 0.0,
         "point_likelihood": cfg.point_likelihood,
@@ -402,7 +404,7 @@ def _score_range(
     """Readings ``first … last`` of a wave: bookkeeping, scoring, features, per reading."""
     P, ofs = params[0], offsets[0]
     c = P.channels
-    f64, flags = np.empty((9, c)), np.empty((5, c), np.bool_)
+    f64, flags = np.empty((10, c)), np.empty((5, c), np.bool_)
     e_thr, extra = np.empty(max(P.threshold_window, 1)), np.empty(5 * c)
     x, norm_scale, observed = f64[6], f64[7], flags[4]
     oc, on = ofs.core, ofs.normaliser
@@ -492,12 +494,12 @@ def _score(
 ):
     """Every scoring component for one reading, in order; fills its outputs at batch position ``b`` and
     returns its likelihood. ``dt_count``/``dt_log_mean``/``norm_scale``: the normaliser before this
-    reading. ``f64`` rows 0–5 and 8 and ``flags`` rows 0–3 are scratch."""
+    reading. ``f64`` rows 0–5, 8 and 9 and ``flags`` rows 0–3 are scratch."""
     c = x.size
     (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
      out_attribution, out_warming, out_kind, out_continues, out_ended, out_severity) = out  # fmt: skip
     z, attr, sx_z, sx_attr, ref, resid = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
-    spike_ratio = f64[8]
+    spike_ratio, noise = f64[8], f64[9]
     scored, sx_scored, present, remember = flags[0], flags[1], flags[2], flags[3]
     of, ol = ofs.forecast, ofs.likelihood
     armed = not warming
@@ -566,17 +568,18 @@ def _score(
         surprise = max(surprise, -point_c.log_tail(raw, P.score_c) / LN10)
     # hard checks: spike, range, stuck
     spike = stuck = False
+    noise[:] = math.nan  # the forecast's noise per channel, for the range check (the spike check's)
     if P.spike_check:
         calm = not P.alert_filter or row[ofs.alert_filter.previous_surprise] < P.episode_cut
         spike = spike_c.hit(
             row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window, calm,
-            spike_ratio,
+            spike_ratio, noise,
         )  # fmt: skip
     out_of_range = False
     if P.range_check:
         out_of_range = range_c.check(
             row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin, ts,
-            P.range_arm_s,
+            P.range_arm_s, noise, P.range_span,
         )  # fmt: skip
     hard = out_of_range or spike  # a spike hit is the decision's, not the likelihood's
     if P.stuck_check:
@@ -739,7 +742,7 @@ def sequence_features(
     prediction, warming up)."""
     P, ofs = params[0], offsets[0]
     c = P.channels
-    f64, flags = np.empty((9, c)), np.empty((5, c), np.bool_)
+    f64, flags = np.empty((10, c)), np.empty((5, c), np.bool_)
     extra = np.empty(5 * c)
     x, observed = f64[6], flags[4]
     oc, on = ofs.core, ofs.normaliser
@@ -812,7 +815,7 @@ def sequence_score(
     last step, kept for the next batch."""
     P, ofs = params[0], offsets[0]
     c = P.channels
-    f64, flags = np.empty((9, c)), np.empty((5, c), np.bool_)
+    f64, flags = np.empty((10, c)), np.empty((5, c), np.bool_)
     e_thr = np.empty(max(P.threshold_window, 1))
     x, norm_scale, observed = f64[6], f64[7], flags[4]
     oc, of = ofs.core, ofs.forecast

@@ -137,21 +137,57 @@ def test_a_stuck_run_is_one_episode_with_an_end() -> None:
     assert (end["kind"], end["episode"], end["ts"]) == ("stuck", "end", TS[1060])
 
 
-def test_the_range_check_arms_only_after_a_day_of_history() -> None:
-    """At 2 readings/s (``make run``'s devices) 300 readings are 150 s: the range seen is not yet the
-    device's normal range, so the check waits for ``range_arm_s`` of history."""
+def test_an_out_of_range_stretch_that_flickers_is_one_episode() -> None:
+    """A drift past the range's top widens the range as it goes, so its readings fall in and out of
+    the margin; readings back inside for up to ``RANGE_GAP`` keep the stretch open (one event), and
+    its end comes at the first reading after the gap. The episode component, reading by reading."""
+    from sensorwatch.scoring.components import episode
+    from sensorwatch.scoring.components.decision import OUT_OF_RANGE, SPIKE
+
+    gap = int(episode.RANGE_GAP)
+    o = np.zeros(1, dtype=episode.Offsets)[0]
+    for i, f in enumerate(episode.STATE):
+        o[f.name] = i
+    row = np.array([f.init for f in episode.STATE], dtype=np.float64)
+    kinds = [0, OUT_OF_RANGE, 0, 0, OUT_OF_RANGE, OUT_OF_RANGE, SPIKE] + [0] * (gap - 1) + [OUT_OF_RANGE]
+    kinds += [0] * (gap + 1) + [OUT_OF_RANGE]
+    got = [episode.track(row, o, k) for k in kinds]
+    continues = [c for (c, _), k in zip(got, kinds, strict=True) if k == OUT_OF_RANGE]
+    assert continues == [False, True, True, True, False]  # the last: after more than the gap
+    ended = [i for i, (_, e) in enumerate(got) if e]
+    assert ended == [len(kinds) - 2]  # the first stretch's end: gap + 1 readings after its last
+    assert got[ended[0]][1] == OUT_OF_RANGE
+
+
+def test_the_range_check_arms_only_once_the_range_is_wider_than_the_noise() -> None:
+    """``make run``'s devices at 2 readings/s: 1,400 readings (12 minutes) see a sliver of the daily
+    cycle, a range no wider than the noise's own extremes, and a value outside it is not out of
+    range (it is a spike). A range that spans the device's cycle (``range_span`` robust σ of the
+    forecast's residuals, here ~19) arms the check. ``range_arm_s`` still asks for history."""
     from sensorwatch.scoring.batch import KINDS
 
-    x = sine(5)
-    x[1400] += 100 * NOISE
+    rng = np.random.default_rng(5)
+    minutes = 20.0 + 3e-4 * np.arange(ROWS) + NOISE * rng.standard_normal(ROWS)  # drifts 2σ in 1,400
+    cycle = sine(5)
+    for x in (minutes, cycle):
+        x[1400] += 100 * NOISE
     fast = 1_767_225_600.0 + 0.5 * np.arange(ROWS)
     m, version = load_default_or_builtin(None, None, 1)
     kinds = {}
-    for arm in (None, 0.0):
-        cfg = ScorerConfig() if arm is None else ScorerConfig(range_arm_s=arm)
+    for name, x, cfg in (
+        ("noise", minutes, ScorerConfig()),
+        ("cycle", cycle, ScorerConfig()),
+        ("cycle, a day asked", cycle, ScorerConfig(range_arm_s=86_400.0)),
+        ("noise, no span asked", minutes, ScorerConfig(range_span=None)),
+    ):
         res = StreamScorer(m, cfg, model_version=version).step(ReadingBatch(["d"] * ROWS, fast, x[:, None]))
-        kinds[arm] = KINDS[res.kind[1400]]
-    assert kinds == {None: "spike", 0.0: "out_of_range"}
+        kinds[name] = KINDS[res.kind[1400]]
+    assert kinds == {
+        "noise": "spike",
+        "cycle": "out_of_range",
+        "cycle, a day asked": "spike",
+        "noise, no span asked": "out_of_range",
+    }
 
 
 def test_a_burst_of_spikes_is_one_event() -> None:

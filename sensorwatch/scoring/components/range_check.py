@@ -1,10 +1,13 @@
-"""Range check (``range_margin``): after warm-up, ``range_warmup`` scored readings *and*
-``range_arm_s`` (a day) since the device's first reading, a value outside the range seen so far by
-more than ``range_margin`` of that range is a hard hit (likelihood exactly 1). The range learns from
-every observed value. The period: a range that has not seen a whole daily cycle does not mean
-anything yet — with ``make run``'s devices at 2 readings/s the check armed after 150 s on a range
-barely wider than the noise, and gave 278 of its 377 false events. With 5-minute data (NAB, the
-simulated fleet) a day is 288 readings, below ``range_warmup``: nothing changes there.
+"""Range check (``range_margin``): after warm-up and ``range_warmup`` scored readings, a value
+outside the range seen so far by more than ``range_margin`` of that range is a hard hit (likelihood
+exactly 1), on a channel whose range spans at least ``range_span`` robust σ of the forecast's
+residuals (the spike check's bulk unit). The range learns from every observed value.
+
+The span: a range no wider than the noise's own extremes (a Gaussian's n readings span ~6σ at 300,
+~9σ at 10⁵) does not mean anything yet — with ``make run``'s devices at 2 readings/s the check armed
+after 150 s on a range barely wider than the noise, and gave 278 of its 377 false events. It used to
+wait for a day of history instead (``range_arm_s``, now 0 by default), which kept it off SKAB's
+400-second testbed runs for good (F1c 0.51 → 0.77 with the span; ``docs/detection.md``).
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def check(row, o, x, observed, armed, margin_rel, ts, period_s):
+def check(row, o, x, observed, armed, margin_rel, ts, period_s, noise, span_min):
     """Whether any observed channel is outside the learnt range (before this reading) by more than
     the margin; then widen the range. ``armed``: the caller's warm-up conditions hold; the range must
-    also have been learnt for ``period_s`` seconds (since the first reading, ``ts`` now)."""
+    also have been learnt for ``period_s`` seconds (since the first reading, ``ts`` now), and a
+    channel's range must span at least ``span_min`` times its forecast's ``noise`` (NaN: unknown,
+    no condition)."""
     if math.isnan(row[o.since]):
         row[o.since] = ts
     armed = armed and ts - row[o.since] >= period_s
@@ -41,7 +46,8 @@ def check(row, o, x, observed, armed, margin_rel, ts, period_s):
             continue
         lo, hi = row[o.low + j], row[o.high + j]
         margin = margin_rel * (hi - lo)
-        if math.isfinite(hi - lo) and (x[j] < lo - margin or x[j] > hi + margin):
+        wide = not (span_min > 0.0 and noise[j] > 0.0 and hi - lo < span_min * noise[j])
+        if wide and math.isfinite(hi - lo) and (x[j] < lo - margin or x[j] > hi + margin):
             outside = True
         row[o.low + j], row[o.high + j] = min(lo, x[j]), max(hi, x[j])
     return outside and armed

@@ -81,15 +81,18 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def hit(row, o, e, scored, armed, spike_z, window, calm, ratio):
+def hit(row, o, e, scored, armed, spike_z, window, calm, ratio, bulk_out):
     """Whether any scored channel's residual ``e`` reaches ``spike_z`` units outside the echo of its
     last hit (``armed``: past warm-up); learns each channel's unit and counts down its echo. The
     tail learns only when ``calm`` (the device's previous reading was not surprising). ``ratio[j]``:
-    the residual in the channel's units (0 where not scored), which attributes a hit."""
+    the residual in the channel's units (0 where not scored), which attributes a hit.
+    ``bulk_out[j]``: the channel's bulk unit (a robust σ of its residuals, before this one) once
+    learnt, else NaN — the range check's measure of the forecast's noise."""
     any_hit = False
     budget = HIT_BUDGET / e.size
     for j in range(e.size):
         ratio[j] = 0.0
+        bulk_out[j] = math.nan
         if not scored[j]:
             continue
         n, mad, quiet, tail = row[o.count + j], row[o.abs_mean + j], row[o.quiet + j], row[o.tail + j]
@@ -98,6 +101,8 @@ def hit(row, o, e, scored, armed, spike_z, window, calm, ratio):
         bulk = SIGMA_PER_MAD * mad
         unit = max(bulk, tail / TAIL_Z) * math.exp(log_gain)
         ready = learnt >= MIN_COUNT and unit > 0.0
+        if learnt >= MIN_COUNT:
+            bulk_out[j] = bulk
         if ready:
             ratio[j] = abs(e[j]) / unit
         far = ready and quiet == 0.0 and abs(e[j]) >= spike_z * unit
