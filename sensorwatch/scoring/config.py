@@ -104,19 +104,13 @@ class ScorerConfig(BaseModel):
         "robust standard deviations of the device's own residuals is an anomaly at that reading: a hard "
         "hit of the decision, not of the likelihood (NAB scores the likelihood). None disables it.",
     )
-    range_arm_s: float = Field(
-        0.0,
-        ge=0,
-        description="Seconds of a device's history before the range check arms (besides range_warmup "
-        "readings and range_span): for devices whose range means something only after a whole cycle "
-        "(e.g. 86400 for a day).",
-    )
     range_span: float | None = Field(
         10.0,
         gt=0,
         description="A channel's range check arms only once the range seen spans at least this many robust "
-        "standard deviations of the forecast's residuals (the spike check's unit): a range no wider than "
-        "the noise's own extremes (about 6-9 σ) means nothing yet. None: no such condition.",
+        "standard deviations of the forecast's residuals (the spike check's unit; no condition with the "
+        "spike check off): a range no wider than the noise's own extremes (about 6-9 σ) means nothing "
+        "yet. None: no such condition.",
     )
     range_warmup: int = Field(
         300, ge=0, description="Readings a device must have before the range check is armed."

@@ -74,7 +74,6 @@ PARAMS = np.dtype(
         ("range_check", np.bool_),
         ("range_margin", np.float64),
         ("range_warmup", np.float64),
-        ("range_arm_s", np.float64),
         ("range_span", np.float64),
         ("spike_check", np.bool_),
         ("spike_z", np.float64),
@@ -132,7 +131,6 @@ def params(setup: Setup, features: int) -> np.ndarray:
         "range_check": cfg.range_margin is not None,
         "range_margin": cfg.range_margin or 0.0,
         "range_warmup": cfg.range_warmup,
-        "range_arm_s": cfg.range_arm_s,
         "range_span": cfg.range_span or 0.0,
         "spike_check": cfg.spike_z is not None,
         "spike_z": cfg.spike_z or 0.0,
@@ -578,8 +576,8 @@ def _score(
     out_of_range = False
     if P.range_check:
         out_of_range = range_c.check(
-            row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin, ts,
-            P.range_arm_s, noise, P.range_span,
+            row, ofs.range_check, x, observed, armed and n >= P.range_warmup, P.range_margin, noise,
+            P.range_span,
         )  # fmt: skip
     hard = out_of_range or spike  # a spike hit is the decision's, not the likelihood's
     if P.stuck_check:

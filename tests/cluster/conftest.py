@@ -15,8 +15,8 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     if not nats_available():
         pytest.fail("no nats-server binary (make test installs it: scripts/ensure-nats.sh)")
     cluster = NatsCluster(tmp_path / "nats")
-    cluster.start()
     try:
+        cluster.start()
         yield cluster
     finally:
-        cluster.stop()
+        cluster.stop()  # also when it did not start: no node left running

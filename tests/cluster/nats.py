@@ -16,20 +16,25 @@ from pathlib import Path
 import httpx
 
 from service.cluster.topology import Topology
-from tests.e2e.harness import free_port
+from tests.e2e.harness import free_ports
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class NatsNode:
     def __init__(
-        self, name: str, workdir: Path, cluster: str, cluster_port: int, extra: Callable[[int], str]
+        self,
+        name: str,
+        workdir: Path,
+        cluster: str,
+        ports: list[int],
+        extra: Callable[[int], str],
     ) -> None:
+        """``ports``: route (cluster), client, MQTT and monitor ports, distinct from every other node's."""
         self.name = name
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.client_port, self.mqtt_port, self.http_port = free_port(), free_port(), free_port()
-        self.cluster_port = cluster_port
+        self.cluster_port, self.client_port, self.mqtt_port, self.http_port = ports
         self.conf = self.dir / "nats.conf"
         self.log = self.dir / "nats.log"
         self._cluster = cluster
@@ -91,7 +96,8 @@ class NatsCluster:
     """Three nodes routed to each other; :meth:`start` returns once they agree on a JetStream meta leader."""
 
     def __init__(self, workdir: Path, size: int = 3, name: str = "swtest", partitions: int = 12) -> None:
-        routes = [free_port() for _ in range(size)]
+        ports = free_ports(4 * size)
+        routes = ports[:size]
         # Every node maps sensors.<device>.readings to the device's partition (cluster mode's layout).
         topology = Topology("sensors/+/readings", "sensorwatch", partitions, "sensorwatch")
 
@@ -99,7 +105,8 @@ class NatsCluster:
             return topology.server_config(f"127.0.0.1:{mqtt_port}")
 
         self.nodes = [
-            NatsNode(f"n{i}", workdir / f"n{i}", name, port, extra) for i, port in enumerate(routes, 1)
+            NatsNode(f"n{i}", workdir / f"n{i}", name, [port, *ports[size + 3 * i - 3 : size + 3 * i]], extra)
+            for i, port in enumerate(routes, 1)
         ]
         for node in self.nodes:
             node.write_conf(routes)

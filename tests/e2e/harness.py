@@ -48,6 +48,19 @@ def free_port() -> int:
         return port
 
 
+def free_ports(k: int) -> list[int]:
+    """``k`` distinct free ports: held together while picked (one at a time, the kernel may hand a
+    just-released port out again — a NATS node's monitor once got another node's route port)."""
+    socks = [socket.socket() for _ in range(k)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

@@ -94,8 +94,8 @@ def test_components_own_disjoint_readably_named_fields() -> None:
 
 def test_state_per_device_is_not_larger_than_before_the_components() -> None:
     """The components of the refactor fit the state of STATE_VERSION 2; a check added or grown since
-    costs only its own declared fields (the spike check: five per channel; episodes two, the range
-    check's start one; the stuck check's run-length octaves and counts: 14 per channel more)."""
+    costs only its own declared fields (the spike check: five per channel; episodes three; the stuck
+    check's run-length octaves and counts: 14 per channel more)."""
     before = StreamScorer.builtin(config=ScorerConfig(spike_z=None))  # univariate, seasonal check on
     hidden = sum(int(np.prod(s)) * 4 for s in before.model.state_shapes.values())
     stuck_growth = (stuck_check.OCTAVES + 6 - 4) * 8  # fields per channel now, 4 in STATE_VERSION 2

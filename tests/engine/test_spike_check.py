@@ -163,7 +163,7 @@ def test_the_range_check_arms_only_once_the_range_is_wider_than_the_noise() -> N
     """``make run``'s devices at 2 readings/s: 1,400 readings (12 minutes) see a sliver of the daily
     cycle, a range no wider than the noise's own extremes, and a value outside it is not out of
     range (it is a spike). A range that spans the device's cycle (``range_span`` robust σ of the
-    forecast's residuals, here ~19) arms the check. ``range_arm_s`` still asks for history."""
+    forecast's residuals, here ~19) arms the check."""
     from sensorwatch.scoring.batch import KINDS
 
     rng = np.random.default_rng(5)
@@ -177,7 +177,6 @@ def test_the_range_check_arms_only_once_the_range_is_wider_than_the_noise() -> N
     for name, x, cfg in (
         ("noise", minutes, ScorerConfig()),
         ("cycle", cycle, ScorerConfig()),
-        ("cycle, a day asked", cycle, ScorerConfig(range_arm_s=86_400.0)),
         ("noise, no span asked", minutes, ScorerConfig(range_span=None)),
     ):
         res = StreamScorer(m, cfg, model_version=version).step(ReadingBatch(["d"] * ROWS, fast, x[:, None]))
@@ -185,7 +184,6 @@ def test_the_range_check_arms_only_once_the_range_is_wider_than_the_noise() -> N
     assert kinds == {
         "noise": "spike",
         "cycle": "out_of_range",
-        "cycle, a day asked": "spike",
         "noise, no span asked": "out_of_range",
     }
 

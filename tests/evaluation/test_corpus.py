@@ -103,7 +103,8 @@ def test_evaluate_corpus_end_to_end(tmp_path: Path) -> None:
     header, *lines = (scores / "dev0.csv").read_text().splitlines()
     assert header == "timestamp,is_anomaly,likelihood,kind,attribution_p,attribution_q,attribution_r"
     assert len(lines) == n
-    assert lines[400].split(",")[1:4:2] == ["1", "spike"]
+    # +5 on a ±1 sine: beyond the range seen, whose span (2) is ~20 noise σ: the range check's.
+    assert lines[400].split(",")[1:4:2] == ["1", "out_of_range"]
 
 
 def test_evaluate_corpus_trains_on_the_train_parts(tmp_path: Path) -> None:

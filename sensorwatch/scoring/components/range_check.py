@@ -6,8 +6,8 @@ residuals (the spike check's bulk unit). The range learns from every observed va
 The span: a range no wider than the noise's own extremes (a Gaussian's n readings span ~6σ at 300,
 ~9σ at 10⁵) does not mean anything yet — with ``make run``'s devices at 2 readings/s the check armed
 after 150 s on a range barely wider than the noise, and gave 278 of its 377 false events. It used to
-wait for a day of history instead (``range_arm_s``, now 0 by default), which kept it off SKAB's
-400-second testbed runs for good (F1c 0.51 → 0.77 with the span; ``docs/detection.md``).
+wait for a day of history instead (``range_arm_s``, removed), which kept it off SKAB's 400-second
+testbed runs for good (F1c 0.51 → 0.77 with the span; ``docs/detection.md``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from __future__ import annotations
 import math
 
 from sensorwatch.scoring.components.common import jit
-from sensorwatch.scoring.state import CHANNELS, SCALAR, Field, offsets_type
+from sensorwatch.scoring.state import CHANNELS, Field, offsets_type
 
 NAME = "range_check"
 STATE = (
     Field("low", CHANNELS, math.inf),
     Field("high", CHANNELS, -math.inf),
-    Field("since", SCALAR, math.nan),
 )
 Offsets = offsets_type(STATE)
 
@@ -31,15 +30,11 @@ def enabled(setup: object) -> bool:
 
 
 @jit
-def check(row, o, x, observed, armed, margin_rel, ts, period_s, noise, span_min):
+def check(row, o, x, observed, armed, margin_rel, noise, span_min):
     """Whether any observed channel is outside the learnt range (before this reading) by more than
-    the margin; then widen the range. ``armed``: the caller's warm-up conditions hold; the range must
-    also have been learnt for ``period_s`` seconds (since the first reading, ``ts`` now), and a
-    channel's range must span at least ``span_min`` times its forecast's ``noise`` (NaN: unknown,
-    no condition)."""
-    if math.isnan(row[o.since]):
-        row[o.since] = ts
-    armed = armed and ts - row[o.since] >= period_s
+    the margin; then widen the range. ``armed``: the caller's warm-up conditions hold; a channel's
+    range must also span at least ``span_min`` times its forecast's ``noise`` (NaN: unknown, no
+    condition)."""
     outside = False
     for j in range(x.size):
         if not observed[j]:
