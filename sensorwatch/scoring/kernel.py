@@ -566,13 +566,16 @@ def _score(
         surprise = max(surprise, -point_c.log_tail(raw, P.score_c) / LN10)
     # hard checks: spike, range, stuck
     spike = stuck = False
-    noise[:] = math.nan  # the forecast's noise per channel, for the range check (the spike check's)
+    # noise: the forecast's noise per channel, for the range check (the spike check's unit; NaN
+    # without it: no condition)
     if P.spike_check:
         calm = not P.alert_filter or row[ofs.alert_filter.previous_surprise] < P.episode_cut
         spike = spike_c.hit(
             row, ofs.spike_check, resid, scored, armed, P.spike_z, P.recalibrate_window, calm,
             spike_ratio, noise,
         )  # fmt: skip
+    else:
+        noise[:] = math.nan
     out_of_range = False
     if P.range_check:
         out_of_range = range_c.check(

@@ -97,17 +97,15 @@ class NatsCluster:
 
     def __init__(self, workdir: Path, size: int = 3, name: str = "swtest", partitions: int = 12) -> None:
         ports = free_ports(4 * size)
-        routes = ports[:size]
+        per_node = [ports[4 * k : 4 * k + 4] for k in range(size)]  # route, client, MQTT, monitor
+        routes = [p[0] for p in per_node]
         # Every node maps sensors.<device>.readings to the device's partition (cluster mode's layout).
         topology = Topology("sensors/+/readings", "sensorwatch", partitions, "sensorwatch")
 
         def extra(mqtt_port: int) -> str:
             return topology.server_config(f"127.0.0.1:{mqtt_port}")
 
-        self.nodes = [
-            NatsNode(f"n{i}", workdir / f"n{i}", name, [port, *ports[size + 3 * i - 3 : size + 3 * i]], extra)
-            for i, port in enumerate(routes, 1)
-        ]
+        self.nodes = [NatsNode(f"n{i}", workdir / f"n{i}", name, p, extra) for i, p in enumerate(per_node, 1)]
         for node in self.nodes:
             node.write_conf(routes)
 
