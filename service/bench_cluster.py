@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from service import bench_e2e as e2e
-from service.cluster.topology import Topology
+from service.cluster.topology import Topology, nats_server_binary
 
-NATS_SERVER = "/usr/sbin/nats-server"
+NATS_SERVER = nats_server_binary()
 HEADER = (
     f"{'workload':<12} {'run':>6} {'single node r/s':>16} {'worker r/s':>12} {'worker / single':>16} "
     f"{'worker µs CPU/r':>16}"

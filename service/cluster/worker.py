@@ -91,6 +91,20 @@ DUPLICATE_WINDOW_S = 120.0
 #: The readings stream keeps this much history (a checkpoint older than it cannot be replayed).
 READINGS_MAX_AGE_S = 7 * 86_400.0
 OUTPUTS_MAX_AGE_S = 86_400.0
+#: The oldest nats-server whose replicated streams check ``Nats-Expected-Last-Subject-Sequence``
+#: inside the write's consensus: before it the check was a pre-check on the leader, so two
+#: concurrent compare-and-sets of one key could both succeed (nats-server issue 4320, seen here on
+#: Debian's 2.9.10 as two workers acquiring one partition in the same 10 ms). Step 3 of the
+#: ownership protocol needs it.
+MIN_SERVER_VERSION = (2, 9, 21)
+
+
+def server_version(version: Any) -> tuple[int, int, int]:
+    """(major, minor, patch) of a nats-py ``ServerVersion``; (0, 0, 0) when it cannot be read."""
+    try:
+        return (int(version.major), int(version.minor), int(version.patch))
+    except (TypeError, ValueError):
+        return (0, 0, 0)
 
 
 class ClusterConfigError(RuntimeError):
@@ -282,6 +296,13 @@ class Worker:
     async def _ensure_assets(self) -> None:
         """The streams and buckets, created by the first worker (R3 on a cluster of 3 or more)."""
         replicas = min(3, len(self.settings.nats_servers))
+        version = server_version(self.nc.connected_server_version)
+        if replicas > 1 and version < MIN_SERVER_VERSION:
+            raise ClusterConfigError(
+                f"nats-server {'.'.join(map(str, version))} does not serialise compare-and-set on "
+                "replicated streams (fixed in 2.9.21, nats-server issue 4320): two workers could "
+                "acquire one partition. Upgrade the NATS servers (docs/cluster.md)"
+            )
         streams = (
             (READINGS_STREAM, self.topology.stream_subjects(), READINGS_MAX_AGE_S),
             (OUTPUTS_STREAM, self.topology.output_subjects(), OUTPUTS_MAX_AGE_S),

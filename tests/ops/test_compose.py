@@ -170,11 +170,14 @@ def test_cluster_profile_nodes_carry_the_mapping_the_workers_expect(
     """Each NATS node's config holds exactly what ``sensorwatch cluster-config`` prints, and each
     worker is in cluster mode against all three nodes, with its own id."""
     from service.cluster.topology import Topology
+    from service.cluster.worker import MIN_SERVER_VERSION
 
     expected = Topology("sensors/+/readings", "sensorwatch", 12, "sensorwatch").server_config("0.0.0.0:1883")
     for i in (1, 2, 3):
         node = services[f"nats-{i}"]
-        assert re.match(r"nats:2\.9\.\d+", node["image"]), node["image"]
+        version = re.fullmatch(r"nats:(\d+)\.(\d+)\.(\d+)-alpine", node["image"])
+        assert version, node["image"]
+        assert tuple(map(int, version.groups())) >= MIN_SERVER_VERSION, node["image"]
         (source, target), *_ = mounts(node)
         assert target == "/etc/nats/nats.conf"
         assert expected in (ROOT / source).read_text()
