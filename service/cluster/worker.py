@@ -94,7 +94,7 @@ OUTPUTS_MAX_AGE_S = 86_400.0
 #: The oldest nats-server whose replicated streams check ``Nats-Expected-Last-Subject-Sequence``
 #: inside the write's consensus: before it the check was a pre-check on the leader, so two
 #: concurrent compare-and-sets of one key could both succeed (nats-server issue 4320, seen here on
-#: Debian's 2.9.10 as two workers acquiring one partition in the same 10 ms). Step 3 of the
+#: Debian's 2.9.10 as two workers acquiring one partition within 8-16 ms). Step 3 of the
 #: ownership protocol needs it.
 MIN_SERVER_VERSION = (2, 9, 21)
 
