@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -45,6 +46,12 @@ RESULT_TIMEOUT_S = 30.0
 #: Dry runs scoring at once. Each scores a copy outside the batcher, sharing the GIL with live scoring:
 #: six at once stalled live callers for seconds before this bound (issue #13).
 DRY_RUN_CONCURRENCY = 2
+#: A REST body over this many bytes (~100 readings) is parsed, submitted, scored as a dry run and
+#: answered on a pool of its own (HEAVY_THREADS threads), not on the loop's default executor: eight
+#: 10,000-reading requests had all six default threads busy parsing and answering, and a one-reading
+#: caller's parse queued behind them (p99 up to 1.27 s in test_fairness; measured 2026-12-03).
+HEAVY_BODY_BYTES = 8192
+HEAVY_THREADS = 2
 
 
 def get_service(request: Request) -> Service:
@@ -124,6 +131,7 @@ def create_app(
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, service.stop)
+            heavy_pool.shutdown(wait=False)
 
     app = FastAPI(
         title="sensorwatch",
@@ -192,6 +200,7 @@ def create_app(
     Admin = Depends(require_admin)
 
     dry_runs = asyncio.Semaphore(DRY_RUN_CONCURRENCY)
+    heavy_pool = ThreadPoolExecutor(HEAVY_THREADS, thread_name_prefix="rest-heavy")
 
     @app.post(
         "/v1/score",
@@ -230,8 +239,9 @@ def create_app(
         built off the loop too, for the same reason."""
         raw = await request.body()
         loop = asyncio.get_running_loop()
+        pool = heavy_pool if len(raw) > HEAVY_BODY_BYTES else None
         try:
-            readings = await loop.run_in_executor(None, _score_readings, raw)
+            readings = await loop.run_in_executor(pool, _score_readings, raw)
         except PayloadError as exc:
             rest_rejection(exc.reason)
             return _refusal(400, exc.reason, exc.detail)
@@ -243,7 +253,7 @@ def create_app(
                 f"{len(readings)} readings > max_request_readings {settings.max_request_readings}",
             )
         if dry_run:
-            return await _dry_run(readings, svc, loop)
+            return await _dry_run(readings, svc, loop, pool)
         done: asyncio.Future[tuple[StepResult | None, int, int]] = loop.create_future()
 
         def finish(result: StepResult | None, start: int, stop: int) -> None:
@@ -258,7 +268,7 @@ def create_app(
             MessageMeta("rest", "", b"", len(readings)),
         )
         try:
-            await loop.run_in_executor(None, svc.submit_rest, work, SUBMIT_TIMEOUT_S)
+            await loop.run_in_executor(pool, svc.submit_rest, work, SUBMIT_TIMEOUT_S)
         except QueueFull as exc:
             rest_rejection("queue_full", len(readings))
             return _refusal(503, "queue_full", str(exc), retry_after=True)
@@ -287,10 +297,15 @@ def create_app(
         result, start, stop = outcome
         if result is None:
             raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "scoring failed; nothing was scored")
-        body = await loop.run_in_executor(None, _answer, result, start, stop, False)
+        body = await loop.run_in_executor(pool, _answer, result, start, stop, False)
         return Response(body, media_type="application/json")
 
-    async def _dry_run(readings: list[Reading], svc: Service, loop: asyncio.AbstractEventLoop) -> Response:
+    async def _dry_run(
+        readings: list[Reading],
+        svc: Service,
+        loop: asyncio.AbstractEventLoop,
+        pool: ThreadPoolExecutor | None,
+    ) -> Response:
         """At most DRY_RUN_CONCURRENCY dry runs score at once (each on a copy, outside the batcher):
         more would share the GIL with live scoring; a caller waits up to SUBMIT_TIMEOUT_S for a turn."""
         try:
@@ -301,8 +316,8 @@ def create_app(
                 503, "queue_full", f"{DRY_RUN_CONCURRENCY} dry runs already running", retry_after=True
             )
         try:
-            preview = await loop.run_in_executor(None, svc.engine.dry_run, readings)
-            body = await loop.run_in_executor(None, _answer, preview, 0, len(readings), True)
+            preview = await loop.run_in_executor(pool, svc.engine.dry_run, readings)
+            body = await loop.run_in_executor(pool, _answer, preview, 0, len(readings), True)
         finally:
             dry_runs.release()
         return Response(body, media_type="application/json")
