@@ -60,8 +60,9 @@ def test_three_nodes_form_a_jetstream_cluster_and_carry_mqtt_qos1(nats_cluster: 
 
 @pytest.mark.skipif(
     not os.environ.get("CLUSTER_KILL_TEST"),
-    reason="a measurement, not yet a gate: MQTT through NATS 2.9 after a node's death took 11-24 s "
-    "and once failed to relay within 10 s (CLUSTER_KILL_TEST=1 runs it; issue #14)",
+    reason="a measurement, not yet a gate: MQTT through the survivors after the meta leader's death took "
+    "11-24 s on nats-server 2.9.10 and 12.7-33.6 s on 2.15.1, where 2 of 6 runs timed out "
+    "(CLUSTER_KILL_TEST=1 runs it; issue #14)",
 )
 def test_after_kill9_of_the_meta_leader_the_others_elect_one_and_still_carry_mqtt(
     nats_cluster: NatsCluster,
