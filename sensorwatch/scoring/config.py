@@ -44,6 +44,14 @@ class ScorerConfig(BaseModel):
         "over this horizon (readings), so a model's over/under-confident scale is corrected per device "
         "and channel; None trusts the model's scale.",
     )
+    adapt_lags: int | None = Field(
+        4,
+        ge=1,
+        le=16,  # components.adapt.MAX_LAGS
+        description="Online adaptation: each channel's forecast is corrected by a linear function, fitted "
+        "per device by recursive least squares, of its last this-many values relative to the model's "
+        "forecast (a sharper forecast: every check sees smaller residuals). None: the model alone.",
+    )
     # --- gaps and sampling ------------------------------------------------------------------------
     max_gap_s: float | None = Field(
         21600.0, gt=0, description="A gap longer than this (seconds) resets the hidden state; None: never."

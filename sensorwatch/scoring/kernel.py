@@ -28,6 +28,7 @@ from numba import njit, prange
 
 from sensorwatch.scoring.batch import RejectReason
 from sensorwatch.scoring.components import Setup, model_season
+from sensorwatch.scoring.components import adapt as adapt_c
 from sensorwatch.scoring.components import alert_filter as alert_filter_c
 from sensorwatch.scoring.components import core as core_c
 from sensorwatch.scoring.components import episode as episode_c
@@ -44,6 +45,7 @@ from sensorwatch.scoring.components.common import (
     LOG_2,
     MEM32,
     entry,
+    jit,
     raw_score,
     surprise_to_likelihood,
 )
@@ -403,7 +405,7 @@ def _score_range(
     P, ofs = params[0], offsets[0]
     c = P.channels
     f64, flags = np.empty((10, c)), np.empty((5, c), np.bool_)
-    e_thr, extra = np.empty(max(P.threshold_window, 1)), np.empty(5 * c)
+    e_thr, extra = np.empty(max(P.threshold_window, 2 * adapt_c.MAX_LAGS)), np.empty(5 * c)
     x, norm_scale, observed = f64[6], f64[7], flags[4]
     oc, on = ofs.core, ofs.normaliser
     for i in range(first, last):
@@ -492,7 +494,8 @@ def _score(
 ):
     """Every scoring component for one reading, in order; fills its outputs at batch position ``b`` and
     returns its likelihood. ``dt_count``/``dt_log_mean``/``norm_scale``: the normaliser before this
-    reading. ``f64`` rows 0–5, 8 and 9 and ``flags`` rows 0–3 are scratch."""
+    reading. ``f64`` rows 0–5, 8 and 9 and ``flags`` rows 0–3 are scratch, and so is ``e_thr`` (the
+    threshold's, used first by the adaptation)."""
     c = x.size
     (out_predicted, out_z, out_raw, out_smoothed, out_threshold, out_likelihood, out_anomaly,
      out_attribution, out_warming, out_kind, out_continues, out_ended, out_severity) = out  # fmt: skip
@@ -516,6 +519,9 @@ def _score(
         scored,
         resid,
     )
+    if ofs.adapt.count >= 0:
+        oa = ofs.adapt
+        adapt_c.learn(row, oa, x, observed, has_pred, of.pred_mean, (oa.weights - oa.lags) // c, e_thr)
     raw = raw_score(z, scored, P.score_c, attr)
     # seasonal check: its own residuals and raw score
     sx_raw, sx_any = 0.0, False
@@ -817,18 +823,16 @@ def sequence_score(
     P, ofs = params[0], offsets[0]
     c = P.channels
     f64, flags = np.empty((10, c)), np.empty((5, c), np.bool_)
-    e_thr = np.empty(max(P.threshold_window, 1))
+    e_thr = np.empty(max(P.threshold_window, 2 * adapt_c.MAX_LAGS))
     x, norm_scale, observed = f64[6], f64[7], flags[4]
-    oc, of = ofs.core, ofs.forecast
+    oc = ofs.core
     for d in range(dev_loc.size):
         row, m = st[dev_loc[d]], dev_srow[d]
         for t in range(lengths[d]):
             k = starts[d] + t
             b = order[k]
             if t > 0:
-                forecast_c.store_prediction(
-                    row, of, mean_n[d, t - 1], scale_n[d, t - 1], centre[k - 1], scale[k - 1]
-                )
+                _store(row, ofs, mean_n[d, t - 1], scale_n[d, t - 1], centre[k - 1], scale[k - 1])
             for j in range(c):
                 x[j] = xs[b, j]
                 observed[j] = True
@@ -862,7 +866,7 @@ def sequence_score(
                 row[oc.last_likelihood] = likelihood
         last = lengths[d] - 1
         k = starts[d] + last
-        forecast_c.store_prediction(row, of, mean_n[d, last], scale_n[d, last], centre[k], scale[k])
+        _store(row, ofs, mean_n[d, last], scale_n[d, last], centre[k], scale[k])
 
 
 @entry
@@ -870,7 +874,17 @@ def store_predictions(st, loc, offsets, mean_n, scale_n, centre, scale) -> None:
     """Keep the wave's forecasts (float32, normalised units) in raw units for the next reading."""
     ofs = offsets[0]
     for i in range(loc.size):
-        forecast_c.store_prediction(st[loc[i]], ofs.forecast, mean_n[i], scale_n[i], centre[i], scale[i])
+        _store(st[loc[i]], ofs, mean_n[i], scale_n[i], centre[i], scale[i])
+
+
+@jit
+def _store(row, ofs, mean_n, scale_n, centre, scale) -> None:
+    """The forecast for the device's next reading, in raw units, corrected where adaptation is on."""
+    forecast_c.store_prediction(row, ofs.forecast, mean_n, scale_n, centre, scale)
+    oa = ofs.adapt
+    if oa.count >= 0:
+        c = centre.size
+        adapt_c.correct(row, oa, ofs.forecast.pred_mean, c, (oa.weights - oa.lags) // c)
 
 
 def warm(pairs: list[tuple[Any, Any]] | None = None) -> None:

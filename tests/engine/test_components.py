@@ -95,14 +95,16 @@ def test_components_own_disjoint_readably_named_fields() -> None:
 def test_state_per_device_is_not_larger_than_before_the_components() -> None:
     """The components of the refactor fit the state of STATE_VERSION 2; a check added or grown since
     costs only its own declared fields (the spike check: five per channel; episodes three; the stuck
-    check's run-length octaves and counts: 14 per channel more)."""
-    before = StreamScorer.builtin(config=ScorerConfig(spike_z=None))  # univariate, seasonal check on
+    check's run-length octaves and counts: 14 per channel more; online adaptation: 4 + 2p + p² per
+    channel)."""
+    before = StreamScorer.builtin(config=ScorerConfig(spike_z=None, adapt_lags=None))  # seasonal on
     hidden = sum(int(np.prod(s)) * 4 for s in before.model.state_shapes.values())
     stuck_growth = (stuck_check.OCTAVES + 6 - 4) * 8  # fields per channel now, 4 in STATE_VERSION 2
     per_device = before.layout.bytes_per_device() - 24 - stuck_growth + hidden  # fields added since
     assert per_device <= 1057, per_device  # 1,057 bytes with the torch columns (STATE_VERSION 2)
     now = StreamScorer.builtin()
-    assert now.layout.bytes_per_device() - before.layout.bytes_per_device() == 5 * 8
+    p = ScorerConfig().adapt_lags
+    assert now.layout.bytes_per_device() - before.layout.bytes_per_device() == (5 + 4 + 2 * p + p * p) * 8
 
 
 # ---------------------------------------------------------------------------------------------- behaviour

@@ -153,7 +153,9 @@ def test_streaming_equals_full_sequence_forward(cell, calibrator, make_model, sm
         alone = (mean1.to(torch.float64) * scale1 + centre1).numpy()[0]
         np.testing.assert_allclose(alone, pred[i, :n], rtol=1e-5, atol=1e-6 * float(scale1.max()))
 
-    # Streaming: all devices together, interleaved in time.
+    # Streaming: all devices together, interleaved in time — the model's own forecasts (online
+    # adaptation corrects them per device: tests/engine/test_adapt.py).
+    cfg = cfg.model_copy(update={"adapt_lags": None})
     ids = [f"d{i}" for i, n in enumerate(lengths) for _ in range(n)]
     flat_ts = np.concatenate([ts[i, :n] for i, n in enumerate(lengths)])
     flat_vals = np.concatenate([values[i, :n] for i, n in enumerate(lengths)])

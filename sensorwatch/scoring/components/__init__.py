@@ -63,6 +63,7 @@ numba.config.CACHE_DIR = _kernel_cache_dir()  # type: ignore[attr-defined]  # be
 # ruff: noqa: E402  (the components are imported after the cache directory is set)
 from sensorwatch.model.forecaster import ForecasterConfig
 from sensorwatch.scoring.components import (
+    adapt,
     alert_filter,
     core,
     episode,
@@ -83,6 +84,7 @@ from sensorwatch.scoring.state import Layout
 COMPONENTS: tuple[ModuleType, ...] = (
     core,
     forecast,
+    adapt,
     seasonal_check,
     likelihood,
     range_check,
