@@ -137,6 +137,12 @@ class ScorerConfig(BaseModel):
         "(Bonferroni) where both speak. Catches contextual anomalies a one-step forecast misses (a normal "
         "value at the wrong time of day).",
     )
+    seasonal_return: bool = Field(
+        True,
+        description="Seasonal check: a reading back at the level the device had before a temporary move "
+        "(a slow EWMA of the level offset, ~500 readings) is judged against that level, so the end of a "
+        "level shift, drift or stuck run is not a contextual anomaly of its own.",
+    )
     seasonal_period_s: float = Field(86_400.0, gt=0, description="Seasonal period (seconds) of the check.")
     seasonal_bin_s: float = Field(
         3600.0,

@@ -95,12 +95,13 @@ def test_components_own_disjoint_readably_named_fields() -> None:
 def test_state_per_device_is_not_larger_than_before_the_components() -> None:
     """The components of the refactor fit the state of STATE_VERSION 2; a check added or grown since
     costs only its own declared fields (the spike check: five per channel; episodes three; the stuck
-    check's run-length octaves and counts: 14 per channel more; online adaptation: 4 + 2p + p² per
-    channel)."""
+    check's run-length octaves and counts: 14 per channel more; the seasonal check's slow level: one
+    per channel; online adaptation: 4 + 2p + p² per channel)."""
     before = StreamScorer.builtin(config=ScorerConfig(spike_z=None, adapt_lags=None))  # seasonal on
     hidden = sum(int(np.prod(s)) * 4 for s in before.model.state_shapes.values())
     stuck_growth = (stuck_check.OCTAVES + 6 - 4) * 8  # fields per channel now, 4 in STATE_VERSION 2
-    per_device = before.layout.bytes_per_device() - 24 - stuck_growth + hidden  # fields added since
+    slow_level = 8  # the seasonal check's slow level offset (seasonal_return), one per channel
+    per_device = before.layout.bytes_per_device() - 24 - stuck_growth - slow_level + hidden  # added since
     assert per_device <= 1057, per_device  # 1,057 bytes with the torch columns (STATE_VERSION 2)
     now = StreamScorer.builtin()
     p = ScorerConfig().adapt_lags

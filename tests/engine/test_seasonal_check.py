@@ -25,6 +25,7 @@ import pytest
 from pydantic import ValidationError
 
 from sensorwatch import ReadingBatch, ScorerConfig, StreamScorer
+from sensorwatch.scoring.batch import KINDS
 from sensorwatch.scoring.components.common import RECAL_MIN
 
 P, DT, NOISE, DAYS = 288, 300.0, 0.05, 10
@@ -169,3 +170,23 @@ def test_residuals_are_on_the_devices_own_scale_after_a_level_shift() -> None:
     assert z_before > 1.5, z_before
     assert z_after > 1.5, z_after
     assert 0.7 < z_after / z_before < 1.4, (z_before, z_after)
+
+
+def test_the_return_from_a_temporary_shift_is_not_a_contextual_anomaly(series) -> None:
+    """``seasonal_return``: +0.6 for 60 readings on day 8, then back. The seasonal level absorbs the
+    move while it lasts; the reading that comes back is judged against the level the device had
+    before it (the slow level), so the return raises no contextual alert — without that rule it
+    does, a few readings after the move ends."""
+    temporary = series["none"].copy()
+    a, b = SHIFT_AT, SHIFT_AT + 60
+    temporary[a:b] += 0.6
+    after = slice(b + 1, b + 60)  # past the forecast's own reaction to the step back
+
+    def contextual_after(config: ScorerConfig) -> int:
+        res = score(temporary, config)
+        return int(((res.kind[after] == KINDS.index("contextual")) & res.is_anomaly[after]).sum())
+
+    off = ScorerConfig(spike_z=None, seasonal_return=False)
+    on = ScorerConfig(spike_z=None)
+    assert contextual_after(off) >= 1
+    assert contextual_after(on) == 0

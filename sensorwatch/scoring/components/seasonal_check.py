@@ -10,6 +10,15 @@ once it has persisted while a reading that breaks the daily shape does not. Only
 (``|z| ≤ CLIP`` or no residual yet) are remembered: an anomalous stretch leaves its bins empty, so
 the check abstains there one period later instead of raising an echo.
 
+The return (``seasonal_return``): ``L`` absorbs a temporary move too — a level shift, a drift, a
+stuck run — so the reading that comes back to the device's usual level looked like a shift of its
+own, and the check raised a contextual alert 6–10 readings after the move ended (185 of the 284
+contextual false positives on the simulated univariate fleet, built-in model). A second, slow level
+offset (EWMA at ``SLOW_ALPHA``, ~500 readings) remembers where the device was; a reading is judged
+against whichever of the two levels it is closer to, and the ring remembers it relative to that
+level (relative to the fast one, the next period's bins would hold the move's offset: 132 contextual
+false positives a day later when it was tried).
+
 Its raw scores get their own likelihood (:func:`~sensorwatch.scoring.components.likelihood.short_term_tail`
 over its own fields), which counts once it has seen a full period of its own scores; the more
 surprising of the forecast and seasonal tails counts, times 2 (Bonferroni) where both speak.
@@ -35,6 +44,8 @@ from sensorwatch.scoring.state import CHANNELS, SCALAR, Field, offsets_type
 NAME = "seasonal_check"
 #: Residuals beyond this many RMS are not remembered, and move the level offset by at most this.
 CLIP = 3.0
+#: EWMA weight of the slow level offset (a memory of ~500 readings).
+SLOW_ALPHA = 0.002
 
 
 def _slots(c: int, s: object) -> tuple[int, ...]:
@@ -51,6 +62,7 @@ STATE = (
     Field("count", _ring, store="memory32"),
     Field("bin", _slots, -1.0, store="memory64"),
     Field("level", CHANNELS),
+    Field("slow_level", CHANNELS),  # the level offset at SLOW_ALPHA: where a temporary move returns
     Field("rms_count", CHANNELS),
     Field("mean_square", CHANNELS),
     Field("scores", SCALAR),  # readings with a seasonal residual so far
@@ -88,18 +100,26 @@ def residuals(
     need = max(RECAL_MIN, P.warmup)
     for j in range(c):
         here = present[j] and observed[j]
-        lvl = row[o.level + j]
+        lvl, slow = row[o.level + j], row[o.slow_level + j]
         e = x[j] - ref[j] - lvl if here else 0.0
+        e_slow = x[j] - ref[j] - slow if here else 0.0
+        e_seen = e  # the level's own update follows its residual
+        use_slow = P.seasonal_return and abs(e_slow) < abs(e)
+        if use_slow:
+            e = e_slow  # back where the level was before a temporary move: not a surprise
         n, ms = row[o.rms_count + j], row[o.mean_square + j]
         ready = n >= need
         rms = floored_std(math.sqrt(ms), ref[j], P.std_floor_abs, P.std_floor_rel)
         scored[j] = here and ready
         z[j] = e / rms if scored[j] else 0.0
-        step = max(min(e, CLIP * rms), -CLIP * rms) if ready else e
+        step = max(min(e_seen, CLIP * rms), -CLIP * rms) if ready else e_seen
         new_lvl = lvl + P.seasonal_level_alpha * step if here else lvl
         row[o.level + j] = new_lvl
+        if here:
+            d = x[j] - ref[j] - slow
+            row[o.slow_level + j] = slow + SLOW_ALPHA * (max(min(d, CLIP * rms), -CLIP * rms) if ready else d)
         remember[j] = observed[j] and not (scored[j] and abs(z[j]) > CLIP)
-        ref[j] = x[j] - new_lvl  # what the ring remembers (level-free)
+        ref[j] = x[j] - (row[o.slow_level + j] if use_slow else new_lvl)  # what the ring remembers
         if here:
             row[o.rms_count + j], row[o.mean_square + j] = rms_update(n, ms, e, ready, P.seasonal_window)
     ring_update(
