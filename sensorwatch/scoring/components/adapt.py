@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 
-from sensorwatch.scoring.components.common import jit
+from sensorwatch.scoring.components.common import SIGMA_PER_MAD, jit
 from sensorwatch.scoring.state import CHANNELS, Field, offsets_type
 
 NAME = "adapt"
@@ -79,8 +79,6 @@ LAG_CLIP = 4.0
 #: Horizon (readings) of the unit's running mean; residuals before MIN_COUNT set the unit unclipped.
 UNIT_WINDOW = 500.0
 MIN_COUNT = 16.0
-#: σ of a Gaussian per mean absolute deviation.
-SIGMA_PER_MAD = math.sqrt(math.pi / 2.0)
 
 
 def enabled(setup: object) -> bool:

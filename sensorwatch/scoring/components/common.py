@@ -15,6 +15,8 @@ from sensorwatch.scoring.components.special import TAIL_MIN, ZEQ_MAX, gammaincc,
 
 LN10 = math.log(10.0)
 LOG_2 = math.log(2.0)
+#: σ of a Gaussian per mean absolute deviation (a robust unit from a running mean of |residual|).
+SIGMA_PER_MAD = math.sqrt(math.pi / 2.0)
 #: Residuals beyond this many RMS update a running RMS as if they were this large: one huge outlier
 #: must not blind the device to the next one.
 RECAL_CLIP = 5.0

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 
-from sensorwatch.scoring.components.common import jit
+from sensorwatch.scoring.components.common import SIGMA_PER_MAD, jit
 from sensorwatch.scoring.state import CHANNELS, Field, offsets_type
 
 NAME = "spike_check"
@@ -60,8 +60,6 @@ CLIP_FROM = 4.0
 MIN_COUNT = 16.0
 #: Readings after a hit in which the channel raises nothing (the forecaster's echo of the spike).
 ECHO = 3.0
-#: σ of a Gaussian per mean absolute deviation.
-SIGMA_PER_MAD = math.sqrt(math.pi / 2.0)
 #: The quantile of |residual| the tail unit tracks, and a Gaussian's |Z| there (σ per quantile).
 TAIL_P = 0.99
 TAIL_Z = 2.5758293035489004
