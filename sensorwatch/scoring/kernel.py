@@ -521,9 +521,9 @@ def _score(
         scored,
         resid,
     )
-    if ofs.adapt.count >= 0:
-        oa = ofs.adapt
-        adapt_c.learn(row, oa, x, observed, has_pred, of.pred_mean, (oa.weights - oa.lags) // c, e_thr)
+    oa = ofs.adapt
+    if adapt_c.on(oa):
+        adapt_c.learn(row, oa, x, observed, has_pred, of.pred_mean, adapt_c.lags_of(oa, c), e_thr)
     raw = raw_score(z, scored, P.score_c, attr)
     # seasonal check: its own residuals and raw score
     sx_raw, sx_any = 0.0, False
@@ -884,9 +884,9 @@ def _store(row, ofs, mean_n, scale_n, centre, scale) -> None:
     """The forecast for the device's next reading, in raw units, corrected where adaptation is on."""
     forecast_c.store_prediction(row, ofs.forecast, mean_n, scale_n, centre, scale)
     oa = ofs.adapt
-    if oa.count >= 0:
+    if adapt_c.on(oa):
         c = centre.size
-        adapt_c.correct(row, oa, ofs.forecast.pred_mean, c, (oa.weights - oa.lags) // c)
+        adapt_c.correct(row, oa, ofs.forecast.pred_mean, c, adapt_c.lags_of(oa, c))
 
 
 def warm(pairs: list[tuple[Any, Any]] | None = None) -> None:

@@ -21,9 +21,9 @@ Robust to what it is there to see:
 
 1. The update uses the residual clipped at ``UPDATE_CLIP`` units: a spike moves ``w`` by no more
    than a 3σ reading does.
-2. A value ``LAG_CLIP`` units or more off its forecast is an outlier, not history: its lag holds the
-   forecast instead (as a missing reading's does), so a spike does not echo into the next ``p``
-   forecasts.
+2. A value ``LAG_CLIP`` units or more off its forecast is an outlier: its lag holds it clipped to
+   ``LAG_CLIP`` units of the forecast, so a spike echoes into the next ``p`` forecasts by at most
+   that much (a missing reading's lag is its forecast).
 3. Regressors are clipped at ``LAG_CLIP`` units, and the fit learns nothing while any lag is further
    than that from the model's forecast: a model fed a spike forecasts near it (its echo), and one
    such step with regressors of ~60 units moved the weights enough to raise a false alert 5
@@ -83,6 +83,18 @@ MIN_COUNT = 16.0
 
 def enabled(setup: object) -> bool:
     return setup.cfg.adapt_lags is not None  # type: ignore[attr-defined]
+
+
+@jit
+def on(o) -> bool:
+    """Whether the component is on (its offsets are -1 when it is off)."""
+    return o.count >= 0
+
+
+@jit
+def lags_of(o, c):
+    """The number of lags p, from the layout (``lags`` is C × p, ``weights`` follows it)."""
+    return (o.weights - o.lags) // c
 
 
 @jit

@@ -78,6 +78,12 @@ def enabled(setup: object) -> bool:
 
 
 @jit
+def _step(e, rms, ready):
+    """A residual as it moves a level offset: clipped at CLIP RMS once the RMS is learnt."""
+    return max(min(e, CLIP * rms), -CLIP * rms) if ready else e
+
+
+@jit
 def residuals(
     row, o, mem32, mem64, m, ts, x, observed, P, z, scored, ref, present, remember, undo, undo_n
 ) -> None:
@@ -112,12 +118,10 @@ def residuals(
         rms = floored_std(math.sqrt(ms), ref[j], P.std_floor_abs, P.std_floor_rel)
         scored[j] = here and ready
         z[j] = e / rms if scored[j] else 0.0
-        step = max(min(e_seen, CLIP * rms), -CLIP * rms) if ready else e_seen
-        new_lvl = lvl + P.seasonal_level_alpha * step if here else lvl
+        new_lvl = lvl + P.seasonal_level_alpha * _step(e_seen, rms, ready) if here else lvl
         row[o.level + j] = new_lvl
         if here:
-            d = x[j] - ref[j] - slow
-            row[o.slow_level + j] = slow + SLOW_ALPHA * (max(min(d, CLIP * rms), -CLIP * rms) if ready else d)
+            row[o.slow_level + j] = slow + SLOW_ALPHA * _step(e_slow, rms, ready)
         remember[j] = observed[j] and not (scored[j] and abs(z[j]) > CLIP)
         ref[j] = x[j] - (row[o.slow_level + j] if use_slow else new_lvl)  # what the ring remembers
         if here:
